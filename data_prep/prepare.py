@@ -1,15 +1,15 @@
-"""`llmrec prepare`: load or generate the catalog into `runs/<name>/catalog/`."""
+"""`llmrec prepare`: load or generate the catalog into `runs/<name>/catalog/`, then build the training examples
+into `runs/<name>/examples/` (data_prep.examples)."""
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import asdict
 
+from data_prep.adapters import SOURCES, load_source
 from llmrec.config import Config
 from llmrec.io import RunDir, atomic_dir
-from llmrec.schema import load_catalog
-
-SOURCES = ("synthetic",)
+from llmrec.schema import load_catalog, save_catalog
 
 
 def _synthetic_is_current(cfg: Config, run: RunDir) -> bool:
@@ -24,7 +24,13 @@ def build_catalog(cfg: Config, run: RunDir, progress: bool = True) -> dict:
     source = cfg.catalog.source
     if source not in SOURCES:
         raise ValueError(f"catalog.source {source!r} is not supported; choose one of {list(SOURCES)}")
-    if _synthetic_is_current(cfg, run):
+    if source != "synthetic":
+        # External sources are re-read every time: they are cheap to load and may have changed on disk.
+        catalog = load_source(cfg)
+        with atomic_dir(run.catalog) as tmp:
+            save_catalog(catalog, tmp)
+        status = f"loaded from {source} ({catalog.meta.get('path', cfg.catalog.path)})"
+    elif _synthetic_is_current(cfg, run):
         catalog = load_catalog(run.catalog)
         status = "up to date (same seed and synthetic config), reused"
     else:
@@ -45,5 +51,9 @@ def build_catalog(cfg: Config, run: RunDir, progress: bool = True) -> dict:
 
 
 def run_prepare(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict:
+    from data_prep.examples import build_examples
+
     progress = not getattr(args, "no_progress", False)
-    return build_catalog(cfg, run, progress=progress)
+    result = build_catalog(cfg, run, progress=progress)
+    result.update(build_examples(cfg, run, progress=progress))
+    return result

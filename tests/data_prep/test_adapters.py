@@ -1,0 +1,135 @@
+"""Catalog adapters: the generic table loader (column map, encodings, errors) and the lastfm-2k loader."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from data_prep.adapters import SOURCES, load_source
+from data_prep.adapters.lastfm import default_dir
+from data_prep.prepare import build_catalog
+from llmrec.config import load_config
+from llmrec.io import open_run_dir
+from llmrec.schema import SchemaError, load_catalog
+
+LASTFM = default_dir()
+
+
+def write_table_dir(d: Path) -> Path:
+    """A tiny catalog with source-specific column names and a Latin-1 songs file."""
+    d.mkdir(parents=True, exist_ok=True)
+    songs = "track,name,band,style\nt1,Café del Mar,Énergie,chillout|ambient\nt2,Plain,Band B,rock\n"
+    (d / "songs.csv").write_bytes(songs.encode("latin-1"))
+    (d / "users.jsonl").write_text(json.dumps({"uid": "x"}) + "\n" + json.dumps({"uid": "y"}) + "\n")
+    pd.DataFrame({"uid": ["x", "x", "y"], "track": ["t1", "t2", "t2"],
+                  "played_at": ["2024-01-01T10:00:00Z", "2024-01-02T10:00:00Z", "2024-01-03T10:00:00Z"],
+                  "plays": [3, 1, 2]}).to_parquet(d / "interactions.parquet")
+    return d
+
+
+COLUMN_MAP = {"song_id": "track", "title": "name", "artist": "band", "genres": "style", "user_id": "uid",
+              "interactions.timestamp": "played_at", "interactions.play_count": "plays"}
+
+
+def table_config(path: Path, column_map=COLUMN_MAP):
+    cfg = load_config(overrides=["catalog.source=table"])
+    cfg.catalog.path = str(path)
+    cfg.catalog.column_map = dict(column_map)
+    return cfg
+
+
+def test_table_adapter_maps_columns_and_decodes_latin1(tmp_path):
+    cat = load_source(table_config(write_table_dir(tmp_path / "src")))
+    songs = cat.songs.set_index("song_id")
+    assert songs.loc["t1", "title"] == "Café del Mar" and songs.loc["t1", "artist"] == "Énergie"
+    assert list(songs.loc["t1", "genres"]) == ["chillout", "ambient"]  # "a|b" becomes a list
+    assert sorted(cat.users.user_id) == ["x", "y"]
+    assert list(cat.interactions.play_count) == [3, 1, 2]
+    assert cat.interactions.timestamp.iloc[0] == pd.Timestamp("2024-01-01T10:00:00Z")
+    # The one line with Latin-1 bytes is counted, not dropped.
+    assert cat.report.counts["songs.decoded_as_latin1"] == 1
+
+
+def test_table_adapter_expands_env_vars_and_derives_users(tmp_path, monkeypatch):
+    src = write_table_dir(tmp_path / "src")
+    (src / "users.jsonl").unlink()
+    monkeypatch.setenv("MY_CATALOG_DIR", str(tmp_path))
+    cat = load_source(table_config("$MY_CATALOG_DIR/src"))
+    assert sorted(cat.users.user_id) == ["x", "y"]
+    assert cat.report.counts["users.derived_from_interactions"] == 2
+
+
+def test_mapped_column_missing_from_file_is_named(tmp_path):
+    src = write_table_dir(tmp_path / "src")
+    with pytest.raises(SchemaError, match=r"'song_title'.*not in the file"):
+        load_source(table_config(src, {**COLUMN_MAP, "title": "song_title"}))
+
+
+def test_required_column_missing_is_named(tmp_path):
+    src = write_table_dir(tmp_path / "src")
+    no_artist = {k: v for k, v in COLUMN_MAP.items() if k != "artist"}
+    with pytest.raises(SchemaError, match=r"songs: missing required column\(s\) \['artist'\]"):
+        load_source(table_config(src, no_artist))
+
+
+def test_missing_table_file_is_named(tmp_path):
+    src = write_table_dir(tmp_path / "src")
+    (src / "interactions.parquet").unlink()
+    with pytest.raises(SchemaError, match="no interactions file"):
+        load_source(table_config(src))
+
+
+def test_prepare_saves_a_table_catalog_into_the_run_dir(tmp_path, capsys):
+    cfg = table_config(write_table_dir(tmp_path / "src"))
+    run = open_run_dir(tmp_path / "run")
+    out = build_catalog(cfg, run, progress=False)
+    assert out["songs"] == 2 and out["interactions"] == 3
+    assert "songs.decoded_as_latin1: 1" in capsys.readouterr().out
+    assert len(load_catalog(run.catalog).songs) == 2
+
+
+def test_sources_are_all_dispatched():
+    assert set(SOURCES) == {"synthetic", "table", "lastfm"}
+    cfg = load_config(overrides=["catalog.source=nope"])
+    with pytest.raises(ValueError, match="catalog.source 'nope' is not supported"):
+        load_source(cfg)
+
+
+@pytest.fixture(scope="module")
+def lastfm_catalog():
+    if not (LASTFM / "user_artists.dat").is_file():
+        pytest.skip(f"lastfm-2k not found at {LASTFM}")
+    return load_source(load_config(overrides=["catalog.source=lastfm"]))
+
+
+def test_lastfm_counts_and_mapping(lastfm_catalog):
+    cat = lastfm_catalog
+    assert (len(cat.users), len(cat.songs), len(cat.interactions)) == (1892, 17632, 92834)
+    assert cat.meta["item_kind"] == "artist" and cat.meta["time_axis"] is False
+    first = cat.songs.set_index("song_id").loc["a1"]
+    assert first["title"] == first["artist"] == "MALICE MIZER"
+    assert first["audio_path"] is None and first["cover_path"] is None
+    assert list(first["tags"][:2]) == ["j-rock", "visual kei"]  # the most-assigned tags come first
+    # tags.dat is Latin-1: those lines are counted, and decoded as text rather than dropped.
+    assert cat.report.counts["tags.dat.decoded_as_latin1"] > 0
+    # play_count is user_artists' weight; user 2 played artist 51 13883 times.
+    row = cat.interactions[(cat.interactions.user_id == "u2") & (cat.interactions.song_id == "a51")]
+    assert int(row.play_count.iloc[0]) == 13883
+
+
+def test_lastfm_timestamps_from_first_tag_else_last_date(lastfm_catalog):
+    inter = lastfm_catalog.interactions
+    # user 2 tagged artist 52 on 1 April 2009 (user_taggedartists.dat); 51 was never tagged by them.
+    tagged = inter[(inter.user_id == "u2") & (inter.song_id == "a52")].timestamp.iloc[0]
+    assert tagged == pd.Timestamp("2009-04-01", tz="UTC")
+    untagged = inter[(inter.user_id == "u2") & (inter.song_id == "a51")].timestamp.iloc[0]
+    assert untagged == inter.timestamp.max()
+    assert inter.timestamp.min().year >= 2002  # the corrupt 1956 rows are ignored
+
+
+def test_lastfm_missing_dir_is_a_clear_error(tmp_path):
+    cfg = load_config(overrides=["catalog.source=lastfm", f"catalog.path={tmp_path}"])
+    with pytest.raises(SchemaError, match="lacks .*artists.dat"):
+        load_source(cfg)
