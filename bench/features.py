@@ -1,0 +1,170 @@
+"""Feature-extraction throughput: one process vs a pool of single-threaded workers.
+
+    python bench/features.py [--quick] [--workers N] [--songs N]
+
+On the synthetic catalog (generated into a temporary directory) with the tiny encoders, measures songs/s of
+  1. one process, one torch thread;
+  2. one process, torch threads = cores (intra-op parallelism);
+  3. a pool of N worker processes with one torch thread each (what `llmrec features` runs), both in steady state
+     (workers started and encoders loaded) and including worker start-up;
+and compares the pool with the ideal N x (single-thread rate). Every mode decodes, encodes and writes real
+shards with the code of data_prep/extract.py. Prints a table, the peak RSS per worker, and as its last line one
+JSON object with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from data_prep import extract  # noqa: E402
+from data_prep.synthetic import generate_catalog  # noqa: E402
+from llmrec.config import Config, load_config  # noqa: E402
+from llmrec.model.encoders import MediaEncoder, save_encoder  # noqa: E402
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.ShardTask], extract.WorkerSpec, int]:
+    """Catalog + seeded tiny encoders saved as a run would have them; returns the shard plan and worker spec."""
+    catalog = generate_catalog(cfg.synthetic, work / "catalog", seed=cfg.seed, progress=False)
+    if songs:
+        catalog.songs = catalog.songs.sort_values("song_id").head(songs)
+    enc = MediaEncoder.load(cfg.model, seed=cfg.seed)
+    save_encoder(enc.audio_model, work / "encoders" / "audio")
+    save_encoder(enc.image_model, work / "encoders" / "image")
+    spec = extract.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench", cfg.features.max_audio_seconds,
+                              cfg.features.max_image_pixels)
+    return extract.plan_shards(catalog, cfg.features.shard_size, work), spec, len(catalog.songs)
+
+
+def retarget(tasks: list[extract.ShardTask], out: Path) -> list[extract.ShardTask]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [extract.ShardTask(t.index, str(out / extract.shard_name(t.index)), t.songs) for t in tasks]
+
+
+def in_process(tasks, spec, threads: int) -> dict:
+    """Encoders loaded first (not timed), then every shard decoded, encoded and written in this process."""
+    torch.set_num_threads(threads)
+    extractor = extract.ShardExtractor(spec)
+    extractor.write_shard(tasks[0])  # warm-up: first-call allocations, lazy imports
+    t0 = time.perf_counter()
+    n = sum(len(extractor.write_shard(t)["song_ids"]) for t in tasks)
+    seconds = time.perf_counter() - t0
+    return {"songs_per_s": n / seconds, "seconds": seconds, "peak_rss_mb": {os.getpid(): extract.peak_rss_mb()}}
+
+
+def _ping(delay: float) -> int:
+    time.sleep(delay)
+    return os.getpid()
+
+
+def pool(tasks, spec, workers: int, start_method: str) -> dict:
+    """Steady state: the workers are started and have loaded the encoders before the clock starts."""
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["data_prep.extract", "transformers.models.hubert.modeling_hubert",
+                                    "transformers.models.vit.modeling_vit"])
+    t_start = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=extract.init_worker,
+                             initargs=(spec, os.getpid())) as ex:
+        pids: set[int] = set()
+        while len(pids) < workers:  # each ping holds a worker, so `workers` pings reach every worker
+            pids |= {f.result() for f in [ex.submit(_ping, 0.3) for _ in range(workers)]}
+        startup = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        futures = [ex.submit(extract.run_shard, t) for t in tasks]
+        wait(futures)
+        seconds = time.perf_counter() - t0
+    results = [f.result() for f in futures]
+    n = sum(len(r["song_ids"]) for r in results)
+    rss: dict[int, float] = {}
+    for r in results:
+        rss[r["pid"]] = max(rss.get(r["pid"], 0.0), r["peak_rss_mb"])
+    return {"songs_per_s": n / seconds, "seconds": seconds, "startup_s": startup,
+            "songs_per_s_with_startup": n / (seconds + startup), "peak_rss_mb": rss}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the quick catalog (144 songs) instead of the default")
+    ap.add_argument("--workers", type=int, default=0, help="pool size (default: one per core)")
+    ap.add_argument("--songs", type=int, default=0, help="use only the first N songs")
+    ap.add_argument("--shard-size", type=int, default=0,
+                    help="songs per shard (default: features.shard_size; few shards per worker cap the pool's balance)")
+    ap.add_argument("--start-method", default="forkserver", choices=["forkserver", "spawn"])
+    args = ap.parse_args()
+
+    overrides = [f"features.shard_size={args.shard_size}"] if args.shard_size else []
+    cfg = load_config(extra_presets=["quick"] if args.quick else [], overrides=overrides)
+    extract._quiet_hf_progress()
+    n_cores = cores()
+    workers = args.workers or n_cores
+    with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        tasks, spec, n_songs = setup(cfg, work, args.songs or None)
+        print(f"catalog: {n_songs} songs of {cfg.synthetic.audio_seconds:g} s audio + {cfg.synthetic.cover_size} px "
+              f"covers, {len(tasks)} shards of {cfg.features.shard_size}; set up in {time.perf_counter() - t0:.1f}s; "
+              f"{n_cores} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+        one = in_process(retarget(tasks, work / "one_thread"), spec, threads=1)
+        print(f"1 process x 1 thread: {one['songs_per_s']:.1f} songs/s", flush=True)
+        multi = in_process(retarget(tasks, work / "all_cores"), spec, threads=n_cores)
+        print(f"1 process x {n_cores} threads: {multi['songs_per_s']:.1f} songs/s", flush=True)
+        torch.set_num_threads(1)
+        pooled = pool(retarget(tasks, work / "pool"), spec, workers, args.start_method)
+    ideal = workers * one["songs_per_s"]
+    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    rows = [
+        ("1 process x 1 thread", one["songs_per_s"], one["seconds"], "1.00", f"{main_rss:.0f} (main process)"),
+        (f"1 process x {n_cores} threads", multi["songs_per_s"], multi["seconds"],
+         f"{multi['songs_per_s'] / one['songs_per_s']:.2f}", f"{main_rss:.0f} (main process)"),
+        (f"{workers}-worker pool x 1 thread", pooled["songs_per_s"], pooled["seconds"],
+         f"{pooled['songs_per_s'] / one['songs_per_s']:.2f}",
+         ", ".join(f"{v:.0f}" for v in pooled["peak_rss_mb"].values())),
+        (f"  incl. worker start-up ({pooled['startup_s']:.1f}s)", pooled["songs_per_s_with_startup"],
+         pooled["seconds"] + pooled["startup_s"], f"{pooled['songs_per_s_with_startup'] / one['songs_per_s']:.2f}", ""),
+        (f"ideal: {workers} x single-thread rate", ideal, n_songs / ideal, f"{workers:.2f}", ""),
+    ]
+    print()
+    print(f"{'mode':42s} {'songs/s':>9s} {'seconds':>8s} {'x 1 thread':>10s}  peak RSS MB per worker")
+    for name, rate, sec, speed, rss in rows:
+        print(f"{name:42s} {rate:9.1f} {sec:8.2f} {speed:>10s}  {rss}")
+    result = {
+        "songs": n_songs,
+        "cores": n_cores,
+        "workers": workers,
+        "start_method": args.start_method,
+        "one_thread_songs_per_s": round(one["songs_per_s"], 2),
+        "one_process_all_cores_songs_per_s": round(multi["songs_per_s"], 2),
+        "pool_songs_per_s": round(pooled["songs_per_s"], 2),
+        "pool_songs_per_s_with_startup": round(pooled["songs_per_s_with_startup"], 2),
+        "pool_startup_s": round(pooled["startup_s"], 2),
+        "ideal_songs_per_s": round(ideal, 2),
+        "speedup_vs_one_process": round(pooled["songs_per_s"] / multi["songs_per_s"], 3),
+        "speedup_vs_one_thread": round(pooled["songs_per_s"] / one["songs_per_s"], 3),
+        "efficiency_vs_ideal": round(pooled["songs_per_s"] / ideal, 3),
+        "peak_rss_mb_per_worker": {str(k): round(v, 1) for k, v in pooled["peak_rss_mb"].items()},
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
