@@ -1,0 +1,143 @@
+"""The multimodal LM: projected `<audio>`/`<cover>` tokens spliced into any Hugging Face causal LM.
+
+Placeholder convention (one rule shared by training, the transformers engine and the vLLM engine): a prompt
+carries each placeholder token K times in a row (K = tokens per modality, see `expand_placeholders`), and the
+n-th group of K placeholder ids in the batch (row-major order) is filled by the n-th feature row. Because the
+sequence length never changes, the splice is a masked assignment into `inputs_embeds`, and the same embeddings
+can be handed to vLLM as `prompt_embeds`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmrec.model.heads import EmbeddingHead, IDMappingHead
+from llmrec.model.projector import ModalityProjector
+from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN
+
+MM_WEIGHTS = "multimodal.safetensors"
+MM_CONFIG = "multimodal.json"
+
+
+@dataclass
+class MediaBatch:
+    """Feature rows for the placeholders of one batch, in placeholder order: feats [N, L, K, D], present [N]."""
+
+    audio: torch.Tensor
+    audio_present: torch.Tensor
+    cover: torch.Tensor
+    cover_present: torch.Tensor
+
+
+@dataclass
+class MMConfig:
+    projector: str
+    audio_layers: int
+    audio_tokens: int
+    audio_dim: int
+    cover_layers: int
+    cover_tokens: int
+    cover_dim: int
+    embedding_dim: int
+    cf_dim: int
+    late_fusion: bool = True
+
+
+def expand_placeholders(text: str, audio_tokens: int, cover_tokens: int) -> str:
+    """Repeat each placeholder K times so that its token count equals the number of projected vectors."""
+    return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * audio_tokens).replace(COVER_TOKEN, COVER_TOKEN * cover_tokens)
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, lm: nn.Module, tokenizer, cfg: MMConfig):
+        super().__init__()
+        self.lm, self.tokenizer, self.cfg = lm, tokenizer, cfg
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.audio_proj = ModalityProjector(cfg.projector, cfg.audio_layers, cfg.audio_tokens, cfg.audio_dim, hidden)
+        self.cover_proj = ModalityProjector(cfg.projector, cfg.cover_layers, cfg.cover_tokens, cfg.cover_dim, hidden)
+        fusion = (cfg.audio_dim, cfg.cover_dim) if cfg.late_fusion else (0, 0)
+        self.embed_head = EmbeddingHead(hidden, cfg.embedding_dim, *fusion)
+        self.id_head = IDMappingHead(cfg.embedding_dim, cfg.cf_dim)
+        ids = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN])
+        if tokenizer.unk_token_id in ids:
+            raise ValueError(f"tokenizer does not know the placeholder tokens {[AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN]}")
+        self.audio_id, self.cover_id, self.embed_id = ids
+
+    # ---------------------------------------------------------------------------------------------- splice
+    def _fill(self, embeds: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, name: str) -> torch.Tensor:
+        n_slots, n_vecs = int(mask.sum()), tokens.shape[0] * tokens.shape[1]
+        if n_slots != n_vecs:
+            raise ValueError(f"batch has {n_slots} {name} placeholder tokens but {n_vecs} projected {name} vectors "
+                             f"({tokens.shape[0]} songs x {tokens.shape[1]}); were placeholders expanded?")
+        embeds = embeds.clone()
+        embeds[mask] = tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def splice(self, input_ids: torch.Tensor, media: MediaBatch | None) -> torch.Tensor:
+        """Token embeddings with every placeholder group replaced by its projected media vectors."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        audio_mask, cover_mask = input_ids == self.audio_id, input_ids == self.cover_id
+        if media is None:
+            if audio_mask.any() or cover_mask.any():
+                raise ValueError("prompt has media placeholders but no media features were given")
+            return embeds
+        embeds = self._fill(embeds, audio_mask, self.audio_proj(media.audio, media.audio_present), "audio")
+        return self._fill(embeds, cover_mask, self.cover_proj(media.cover, media.cover_present), "cover")
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids, attention_mask, labels=None, media: MediaBatch | None = None):
+        """Causal-LM forward on spliced embeddings; `labels` are -100 outside the answer (answer-only loss)."""
+        embeds = self.splice(input_ids, media)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def embed(self, input_ids, attention_mask, media: MediaBatch | None = None) -> torch.Tensor:
+        """Song embeddings: hidden state at the last `<emb>` token of each prompt (+ late fusion), unit norm.
+
+        For item prompts each row carries exactly one audio and one cover group, so media rows align with rows.
+        """
+        embeds = self.splice(input_ids, media)
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        is_emb = (input_ids == self.embed_id) & attention_mask.bool()
+        if not bool(is_emb.any(1).all()):
+            raise ValueError(f"every embedding prompt must contain the {EMBED_TOKEN} token")
+        last = (is_emb * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        audio = cover = None
+        if self.cfg.late_fusion and media is not None:
+            if media.audio.shape[0] != input_ids.shape[0] or media.cover.shape[0] != input_ids.shape[0]:
+                raise ValueError("late fusion needs exactly one audio and one cover row per embedding prompt")
+            audio = self.audio_proj.pooled(media.audio, media.audio_present)
+            cover = self.cover_proj.pooled(media.cover, media.cover_present)
+        return self.embed_head(pooled.float(), audio, cover)
+
+    # ---------------------------------------------------------------------------------------------- save/load
+    def multimodal_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the backbone: projectors, missing embeddings, heads (served next to the merged LM)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+    def save_multimodal(self, directory: str | Path) -> None:
+        from llmrec.io import atomic_path, atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / MM_WEIGHTS) as tmp:
+            save_file(self.multimodal_state_dict(), str(tmp))
+        atomic_write_json(directory / MM_CONFIG, self.cfg.__dict__)
+
+    def load_multimodal(self, directory: str | Path) -> None:
+        state = load_file(str(Path(directory) / MM_WEIGHTS))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("lm.")]
+        if missing or unexpected:
+            raise ValueError(f"{directory}/{MM_WEIGHTS} does not match the model: missing {missing[:5]}, "
+                             f"unexpected {list(unexpected)[:5]}")
+
+
+def read_mm_config(directory: str | Path) -> MMConfig:
+    return MMConfig(**json.loads((Path(directory) / MM_CONFIG).read_text()))
