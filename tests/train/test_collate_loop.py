@@ -1,0 +1,106 @@
+"""Answer-only labels, media rows in placeholder order, deterministic step batches, resume, NaN stop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from llmrec.model.backbone import train_bpe_tokenizer
+from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
+from train.collate import IGNORE, MultimodalCollator
+from train.loop import StepSampler, TrainingDiverged, fit
+
+
+@dataclass
+class FakeFeatures:
+    index: dict
+    audio: torch.Tensor
+    audio_present: torch.Tensor
+    cover: torch.Tensor
+    cover_present: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def collate():
+    tok = train_bpe_tokenizer(["describe this song please", "a slow piano song"] * 10, vocab_size=200)
+    feats = FakeFeatures({"s1": 0, "s2": 1}, torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 2, 3).clone(),
+                         torch.tensor([1, 0]), torch.zeros(2, 1, 2, 3), torch.tensor([1, 1]))
+    return MultimodalCollator(tok, feats, audio_tokens=2, cover_tokens=2, max_length=64)
+
+
+def test_labels_cover_the_answer_only(collate):
+    tok = collate.tokenizer
+    batch = collate([{"prompt": f"{AUDIO_TOKEN} describe", "answer": "a slow piano song", "audio_song_ids": ["s1"]},
+                     {"prompt": "describe this song please", "answer": "piano"}])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    answer = tok("a slow piano song", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    row0 = labels[0][labels[0] != IGNORE].tolist()
+    assert row0 == answer
+    n_prompt = 1 + len(tok(f"{AUDIO_TOKEN * 2} describe", add_special_tokens=False).input_ids)
+    assert (labels[0, :n_prompt] == IGNORE).all() and labels[0, n_prompt] == answer[0]
+    assert (labels[mask == 0] == IGNORE).all()  # padding never counts
+    assert (ids[0] == tok.convert_tokens_to_ids(AUDIO_TOKEN)).sum() == 2  # expanded to K tokens
+
+
+def test_media_rows_follow_placeholder_order_and_unknown_songs_are_missing(collate):
+    batch = collate([{"prompt": f"{AUDIO_TOKEN}{AUDIO_TOKEN}", "audio_song_ids": ["s2", "s1"]},
+                     {"prompt": f"{AUDIO_TOKEN}{COVER_TOKEN}", "audio_song_ids": ["nope"], "cover_song_ids": ["s1"]}])
+    media = batch["media"]
+    assert media.audio[:, 0, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert media.audio_present.tolist() == [0.0, 1.0, 0.0]  # s2 has no audio; "nope" has no features at all
+    assert media.cover.shape == (1, 1, 2, 3) and media.cover_present.tolist() == [1.0]
+
+
+def test_overlong_prompt_is_a_clear_error(collate):
+    with pytest.raises(ValueError, match="exceeds train.max_length=64"):
+        collate([{"prompt": "describe " * 200}])
+
+
+def test_step_sampler_is_a_pure_function_of_step():
+    s = StepSampler(n=10, batch_size=4, seed=3)
+    first_epoch = s.indices(0) + s.indices(1) + s.indices(2)[:2]
+    assert sorted(first_epoch) == list(range(10))  # every row once per epoch
+    assert s.indices(7) == StepSampler(10, 4, 3).indices(7)
+
+
+def _toy_fit(tmp_path: Path, steps: int, fail_at: int | None = None, save_every: int = 2):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(16, 3)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    sampler = StepSampler(16, 4, 0)
+
+    def loss_fn(step):
+        if fail_at is not None and step == fail_at:
+            raise KeyboardInterrupt  # stands in for a kill between checkpoints
+        idx = sampler.indices(step)
+        return torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+
+    losses = fit(model, model.parameters(), loss_fn, steps=steps, lr=0.05, warmup_ratio=0.0, ckpt_dir=tmp_path,
+                 save_every=save_every, accelerator=Accelerator(cpu=True), desc="toy", progress=False)
+    return model, losses
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    straight, losses = _toy_fit(tmp_path / "a", steps=8)
+    with pytest.raises(KeyboardInterrupt):
+        _toy_fit(tmp_path / "b", steps=8, fail_at=5)
+    assert (tmp_path / "b" / "last" / "progress.json").is_file()
+    resumed, resumed_losses = _toy_fit(tmp_path / "b", steps=8)
+    torch.testing.assert_close(resumed.weight, straight.weight)
+    assert resumed_losses == pytest.approx(losses)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
+    model = torch.nn.Linear(1, 1)
+
+    def loss_fn(step):
+        return model(torch.ones(1, 1)).sum() * (float("nan") if step == 3 else 1.0)
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3; the last good checkpoint"):
+        fit(model, model.parameters(), loss_fn, steps=6, lr=0.01, warmup_ratio=0.0, ckpt_dir=tmp_path,
+            save_every=2, accelerator=Accelerator(cpu=True), desc="nan", progress=False)
+    assert (tmp_path / "last" / "progress.json").is_file()

@@ -1,0 +1,66 @@
+"""Batching for the multimodal LM: tokenise prompt + answer, answer-only labels, media rows in placeholder order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from llmrec.model.mm_lm import MediaBatch, expand_placeholders
+
+IGNORE = -100  # label value that transformers' causal-LM loss skips
+
+
+def media_rows(features, song_ids: Sequence[str], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature rows [N, L, K, D] and presence [N] for `song_ids`; songs without features count as missing."""
+    feats, present = getattr(features, modality), getattr(features, f"{modality}_present")
+    idx = [features.index.get(s, -1) for s in song_ids]
+    rows = torch.stack([feats[i] if i >= 0 else torch.zeros_like(feats[0]) for i in idx]) if idx else \
+        feats.new_zeros((0, *feats.shape[1:]))
+    pres = torch.tensor([float(present[i]) if i >= 0 else 0.0 for i in idx])
+    return rows.float(), pres
+
+
+@dataclass
+class MultimodalCollator:
+    """Turns example rows {prompt, answer?, audio_song_ids, cover_song_ids} into model inputs.
+
+    Right padding for training; the prompt part of `labels` is IGNORE so only the answer is learned.
+    """
+
+    tokenizer: Any
+    features: Any
+    audio_tokens: int
+    cover_tokens: int
+    max_length: int = 512
+
+    def encode(self, prompt: str, answer: str | None) -> tuple[list[int], int]:
+        tok = self.tokenizer
+        prompt_ids = [tok.bos_token_id] + tok(expand_placeholders(prompt, self.audio_tokens, self.cover_tokens),
+                                              add_special_tokens=False).input_ids
+        if len(prompt_ids) > self.max_length:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds train.max_length={self.max_length}; "
+                             f"lower the prompt budget or raise max_length")
+        if answer is None:
+            return prompt_ids, len(prompt_ids)
+        answer_ids = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        # Only the answer is cut when too long: placeholders in the prompt must keep their exact counts.
+        return (prompt_ids + answer_ids)[: self.max_length], len(prompt_ids)
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
+        encoded = [self.encode(r["prompt"], r.get("answer")) for r in rows]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (ids, n_prompt) in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:], dtype=torch.long)
+        audio_ids = [s for r in rows for s in r.get("audio_song_ids", [])]
+        cover_ids = [s for r in rows for s in r.get("cover_song_ids", [])]
+        audio, audio_present = media_rows(self.features, audio_ids, "audio")
+        cover, cover_present = media_rows(self.features, cover_ids, "cover")
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                "media": MediaBatch(audio, audio_present, cover, cover_present)}

@@ -1,0 +1,257 @@
+"""`llmrec train`: stage 0 (tiny preset: backbone pretraining on catalog text), stage 1 (projector alignment on
+captions, LLM frozen), stage 2 (LoRA + projectors + heads: reasons + contrastive song<->CF and song<->co-listened),
+then export of the song embeddings and the serving bundle.
+
+Each stage is a short recipe over `train.loop.fit`; each writes its own directory under `runs/<name>/model/` and is
+skipped when that directory is complete, so a re-run resumes at the first unfinished stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import load_from_disk
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from llmrec.config import Config
+from llmrec.features import load_media_features
+from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
+from llmrec.model.backbone import build_tiny_llama, load_backbone, train_bpe_tokenizer
+from llmrec.model.losses import info_nce
+from llmrec.model.mm_lm import MMConfig, MultimodalLM
+from llmrec.schema import load_catalog
+from llmrec.text import build_embed_prompt
+from train.collate import MultimodalCollator
+from train.export import export_bundle
+from train.loop import StepSampler, fit
+
+EMBEDDINGS = "embeddings.safetensors"
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
+
+
+def _embed_prompts(songs, count_tokens=None, budget: int | None = None) -> dict[str, str]:
+    """Item prompts: both placeholders always present (a missing modality gets the learned missing embedding),
+    so late fusion sees one audio and one cover row per song. With the real tokenizer's `count_tokens` and a
+    budget, every prompt is guaranteed to fit the model's context."""
+    both = lambda song: (True, True)  # noqa: E731
+    kw = {"count_tokens": count_tokens, "budget": budget} if count_tokens else {}
+    return {row["song_id"]: build_embed_prompt(row, media=both, **kw).text for row in songs.to_dict("records")}
+
+
+def item_prompts(songs, tokenizer, mm_cfg: MMConfig, max_length: int) -> dict[str, str]:
+    """The embedding prompt of every song, sized with the real tokenizer so that each fits `max_length` after the
+    placeholders expand to K tokens each."""
+    expansion = 2 * (mm_cfg.audio_tokens + mm_cfg.cover_tokens) + 2
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    return _embed_prompts(songs, count, max_length - expansion)
+
+
+def _rows_that_fit(rows: list[dict], collate: MultimodalCollator, name: str) -> list[dict]:
+    """Drop (and count) examples whose prompt is longer than train.max_length with the real tokenizer; the example
+    builder budgets with an approximate token count, so a few can overshoot on a small vocabulary."""
+    kept = []
+    for row in rows:
+        try:
+            collate.encode(row["prompt"], None)
+            kept.append(row)
+        except ValueError:
+            pass
+    if len(kept) < len(rows):
+        print(f"{name}: skipped {len(rows) - len(kept)} of {len(rows)} examples whose prompt exceeds "
+              f"train.max_length={collate.max_length}")
+    if not kept:
+        raise ValueError(f"{name}: every prompt exceeds train.max_length={collate.max_length}; raise it")
+    return kept
+
+
+# -------------------------------------------------------------------------------------------------- stage 0
+
+def _corpus(catalog, examples_dir: Path) -> list[str]:
+    """Text the tiny backbone learns the language from: song blocks plus the training captions and reasons."""
+    texts = list(_embed_prompts(catalog.songs).values())
+    for split in ("stage1", "stage2"):
+        ds = load_from_disk(str(examples_dir / split))
+        texts += [f"{p} {a}" for p, a in zip(ds["prompt"], ds["answer"])]
+    return texts
+
+
+def stage0(cfg: Config, run: RunDir, catalog, accelerator, progress: bool):
+    out = run.model / "stage0"
+    if (out / "config.json").is_file():
+        return LlamaForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    if cfg.model.backbone != "tiny":
+        return load_backbone(cfg.model.backbone)
+    texts = _corpus(catalog, run.examples)
+    tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab)
+    lm = build_tiny_llama(cfg.model, tokenizer, seed=cfg.seed)
+    sampler = StepSampler(len(texts), cfg.train.batch_size, cfg.seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = [tokenizer.bos_token + texts[i] + tokenizer.eos_token for i in sampler.indices(step)]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=cfg.train.max_length,
+                        add_special_tokens=False)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        return lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+
+    losses = fit(lm, lm.parameters(), loss_fn, steps=cfg.train.stage0_steps, lr=cfg.train.lr_stage0,
+                 warmup_ratio=cfg.train.warmup_ratio, ckpt_dir=run.model / "ckpt-stage0",
+                 save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 0 (backbone)", progress=progress)
+    with atomic_dir(out) as tmp:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "losses.json").write_text(json.dumps(losses))
+    return lm, tokenizer
+
+
+# -------------------------------------------------------------------------------------------------- stages 1-2
+
+def _mm_config(cfg: Config, features, cf_dim: int) -> MMConfig:
+    return MMConfig(projector=cfg.model.projector, audio_layers=features.audio.shape[1],
+                    audio_tokens=features.audio.shape[2], audio_dim=features.audio.shape[3],
+                    cover_layers=features.cover.shape[1], cover_tokens=features.cover.shape[2],
+                    cover_dim=features.cover.shape[3], embedding_dim=cfg.model.embedding_dim, cf_dim=cf_dim)
+
+
+def _lm_loss_fn(model: MultimodalLM, rows, collate: MultimodalCollator, sampler: StepSampler):
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = collate([rows[i] for i in sampler.indices(step)])
+        return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss
+    return loss_fn
+
+
+def stage1(cfg: Config, run: RunDir, model: MultimodalLM, collate, accelerator, progress: bool) -> list[float]:
+    out = run.model / "stage1"
+    if (out / "multimodal.safetensors").is_file():
+        model.load_multimodal(out)
+        return json.loads((out / "losses.json").read_text())
+    model.requires_grad_(False)
+    model.audio_proj.requires_grad_(True)
+    model.cover_proj.requires_grad_(True)
+    rows = _rows_that_fit(load_from_disk(str(run.examples / "stage1")).to_list(), collate, "stage 1")
+    loss_fn = _lm_loss_fn(model, rows, collate, StepSampler(len(rows), cfg.train.batch_size, cfg.seed + 1))
+    losses = fit(model, model.parameters(), loss_fn, steps=cfg.train.stage1_steps, lr=cfg.train.lr_stage1,
+                 warmup_ratio=cfg.train.warmup_ratio, ckpt_dir=run.model / "ckpt-stage1",
+                 save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 1 (projectors)",
+                 progress=progress)
+    with atomic_dir(out) as tmp:
+        model.save_multimodal(tmp)
+        (tmp / "losses.json").write_text(json.dumps(losses))
+    return losses
+
+
+def add_lora(model: MultimodalLM, cfg: Config) -> None:
+    """Wrap the backbone with LoRA; a target that does not exist is reported with the names that do."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [t for t in cfg.model.lora_targets if t not in names]
+    if unknown:
+        raise ValueError(f"LoRA target(s) {unknown} do not exist in the backbone; its Linear modules are "
+                         f"{sorted(names)}")
+    lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+                      target_modules=cfg.model.lora_targets, task_type="CAUSAL_LM")
+    model.lm = get_peft_model(model.lm, lora)
+
+
+def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict[str, str], accelerator,
+           progress: bool) -> list[float]:
+    done = run.model / "stage2"
+    if (done / "adapter").is_dir():
+        model.lm = PeftModel.from_pretrained(model.lm, done / "adapter")
+        model.load_multimodal(done)
+        return json.loads((done / "losses.json").read_text())
+    add_lora(model, cfg)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "lora_" in name or not name.startswith("lm."):
+            p.requires_grad_(True)
+    reasons = _rows_that_fit(load_from_disk(str(run.examples / "stage2")).to_list(), collate, "stage 2")
+    pairs = load_from_disk(str(run.examples / "pairs")).to_list()
+    lm_sampler = StepSampler(len(reasons), cfg.train.batch_size, cfg.seed + 2)
+    pair_sampler = StepSampler(len(pairs), cfg.train.batch_size, cfg.seed + 3)
+    t = cfg.train
+
+    def embed_songs(song_ids: list[str]) -> torch.Tensor:
+        batch = collate([{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s]} for s in song_ids])
+        return model.embed(batch["input_ids"], batch["attention_mask"], batch["media"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = collate([reasons[i] for i in lm_sampler.indices(step)])
+        loss = t.lm_weight * model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss
+        rows = [pairs[i] for i in pair_sampler.indices(step)]
+        emb = embed_songs([r["song_id"] for r in rows])
+        cf = torch.tensor([r["cf_factor"] for r in rows], dtype=emb.dtype)
+        loss = loss + t.cf_weight * info_nce(model.id_head(emb), cf, t.temperature)
+        if t.colisten_weight:
+            loss = loss + t.colisten_weight * info_nce(emb, embed_songs([r["pos_song_id"] for r in rows]),
+                                                       t.temperature)
+        return loss
+
+    return fit(model, model.parameters(), loss_fn, steps=t.stage2_steps, lr=t.lr, warmup_ratio=t.warmup_ratio,
+               ckpt_dir=run.model / "ckpt-stage2", save_every=t.save_every, accelerator=accelerator,
+               desc="stage 2 (LoRA + heads)", progress=progress)
+
+
+# -------------------------------------------------------------------------------------------------- export
+
+@torch.no_grad()
+def song_embeddings(model: MultimodalLM, collate, prompts: dict[str, str], batch_size: int = 32):
+    model.eval()
+    ids = list(prompts)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i : i + batch_size]
+        batch = collate([{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s]} for s in chunk])
+        out.append(model.embed(batch["input_ids"], batch["attention_mask"], batch["media"]))
+    return ids, torch.cat(out)
+
+
+def save_embeddings(path: Path, song_ids: list[str], emb: torch.Tensor) -> None:
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": emb.float().contiguous()}, str(tmp), metadata={"song_ids": json.dumps(song_ids)})
+
+
+def save_stage2(run: RunDir, model: MultimodalLM, losses: list[float]) -> Path:
+    """Adapter-only checkpoint: the PEFT adapter + multimodal weights + tokenizer (small, for further tuning)."""
+    out = run.model / "stage2"
+    with atomic_dir(out) as tmp:
+        assert isinstance(model.lm, PeftModel)
+        model.lm.save_pretrained(tmp / "adapter")
+        model.tokenizer.save_pretrained(tmp / "adapter")
+        model.save_multimodal(tmp)
+        (tmp / "losses.json").write_text(json.dumps(losses))
+    return out
+
+
+def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict:
+    progress = not getattr(args, "no_progress", False)
+    torch.manual_seed(cfg.seed)
+    catalog = load_catalog(run.require(run.catalog, "prepare"))
+    run.require(run.examples / "stage2", "prepare")
+    features = load_media_features(run.require(run.features, "features"))
+    pairs = load_from_disk(str(run.examples / "pairs"))
+    accelerator = _accelerator(cfg)
+    lm, tokenizer = stage0(cfg, run, catalog, accelerator, progress)
+    model = MultimodalLM(lm, tokenizer, _mm_config(cfg, features, len(pairs[0]["cf_factor"])))
+    collate = MultimodalCollator(tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
+                                 cfg.train.max_length)
+    prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length)
+    s1 = stage1(cfg, run, model, collate, accelerator, progress)
+    s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress)
+    out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)
+    ids, emb = song_embeddings(model, collate, prompts)
+    save_embeddings(run.model / EMBEDDINGS, ids, emb)
+    bundle_hash = export_bundle(model, run.model / "bundle", {"preset": cfg.preset, "backbone": cfg.model.backbone})
+    summary = {"stage1_loss": [round(float(np.mean(s1[:5])), 3), round(float(np.mean(s1[-5:])), 3)],
+               "stage2_loss": [round(float(np.mean(s2[:5])), 3), round(float(np.mean(s2[-5:])), 3)]}
+    atomic_write_json(run.model / "train_summary.json", summary)
+    return {"model": str(out), "bundle": f"{run.model / 'bundle'} (hash {bundle_hash[:12]})",
+            "embeddings": str(run.model / EMBEDDINGS),
+            "stage1 loss first->last": summary["stage1_loss"], "stage2 loss first->last": summary["stage2_loss"]}
