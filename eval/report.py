@@ -1,0 +1,691 @@
+"""`llmrec eval`: every model, one split, three slices, one report (`runs/<name>/eval/`).
+
+Protocol (DESIGN.md, "Evaluation"):
+
+* The split is `llmrec.split.split_catalog` — the same one the training examples use, so no test interaction
+  reaches any model. Interactions are binarised: relevance is "played in the test part", not how often.
+* Test pairs that are also train pairs (a user replaying a song they already played) are dropped and counted: seen
+  songs are masked from every ranking, so such pairs could never be hit.
+* Full-catalogue ranking, no sampled negatives, on three slices:
+  `warm` — test plays of songs with train plays, ranked among the whole catalogue;
+  `cold` — test plays of songs without train plays, ranked among those cold songs only;
+  `all`  — every test play, ranked among the whole catalogue.
+  Users without a test play in a slice are skipped and counted; a slice with no test plays at all is reported as
+  `{"empty": true}` for every model, never as zeros.
+* Models: random, mostpop, itemknn, als, bpr (CF; hyperparameters tuned on a validation split carved out of the
+  training part), text (ContentKNN on sentence embeddings of the song text), text2cf (ridge map from text to ALS
+  factors for cold songs) and, once `llmrec train` has written `model/embeddings.safetensors`, llmrec (ContentKNN on
+  the LLM's song embeddings) and hybrid (ALS blended with llmrec on warm songs, llmrec alone on cold songs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from eval.baselines import ALS, BPR, ContentKNN, ItemKNN, MostPop, RandomRec, Recommender, RidgeContentToCF
+from eval.metrics import bootstrap_ci, evaluate_topk, topk_from_scores
+from llmrec.config import Config
+from llmrec.io import MissingArtefactError, RunDir, atomic_path, atomic_write_json, atomic_write_text
+from llmrec.schema import Catalog, load_catalog
+from llmrec.split import Split, item_holdout_split, split_catalog
+
+SLICES = ("all", "warm", "cold")
+CF_MODELS = ("mostpop", "itemknn", "als", "bpr")  # "best CF" in the headline is the best of these per slice
+HEADLINE = "recall@20"
+TAIL_SHARE = 0.8  # tail = songs outside the top 20% by training plays
+N_POP_BUCKETS = 5
+SCORE_BATCH_CELLS = 1 << 24  # users scored at once x catalogue size: bounds the dense score block (~64 MB)
+LLMREC_NOT_TRAINED = "llmrec: not trained yet (run `llmrec train`)"
+
+# Validation grids: small on purpose (seconds on the synthetic catalog, a few minutes on lastfm-2k), but wide
+# enough that the CF baselines are not strawmen. ALS and BPR are searched in two stages: their optimiser knobs at
+# 64 factors first, then the number of factors at the best knobs.
+ITEMKNN_GRID = [{"k": k, "shrink": s} for k in (20, 50, 100, 200, 500) for s in (0.0, 10.0)]
+ALS_GRID_1 = [{"factors": 64, "regularization": r, "alpha": a} for r in (0.01, 0.1, 1.0, 10.0, 50.0)
+              for a in (1.0, 5.0, 10.0, 40.0)]
+ALS_FACTORS = (16, 32, 64, 128)
+BPR_GRID_1 = [{"factors": 64, "learning_rate": lr, "regularization": r, "iterations": 300}
+              for lr in (0.005, 0.01, 0.05) for r in (0.001, 0.01, 0.05)]
+BPR_FACTORS = (32, 64, 128)
+RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULTS = {"itemknn": {"k": 100, "shrink": 10.0}, "als": {"factors": 64, "regularization": 0.1, "alpha": 10.0},
+            "bpr": {"factors": 64, "learning_rate": 0.01, "regularization": 0.01, "iterations": 300},
+            "text2cf": {"alpha": 10.0}, "hybrid": {"weight": 0.5}}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class EvalData:
+    """Index maps and binarised matrices for one split; rows = catalogue users, columns = catalogue songs."""
+
+    song_ids: np.ndarray
+    user_ids: np.ndarray
+    train: sp.csr_matrix
+    test: sp.csr_matrix  # train pairs removed
+    warm: np.ndarray  # bool per song: has train plays
+    item_pop: np.ndarray  # train listeners per song
+    is_tail: np.ndarray
+    order: np.ndarray  # tie-breaking order of the songs (tie_order)
+    repeats_dropped: int = 0
+
+    @property
+    def cold(self) -> np.ndarray:
+        return ~self.warm
+
+
+def _csr(df: pd.DataFrame, users: pd.Index, songs: pd.Index) -> sp.csr_matrix:
+    rows, cols = users.get_indexer(df["user_id"]), songs.get_indexer(df["song_id"])
+    keep = (rows >= 0) & (cols >= 0)
+    m = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
+                      shape=(len(users), len(songs)))
+    m.data[:] = 1.0  # duplicates were summed: binarise
+    return m
+
+
+def build_data(catalog: Catalog, train_df: pd.DataFrame, test_df: pd.DataFrame, seed: int = 0) -> EvalData:
+    songs = pd.Index(catalog.songs["song_id"].astype(str))
+    users = pd.Index(pd.unique(pd.concat([catalog.users["user_id"], catalog.interactions["user_id"]]).astype(str)))
+    train, test = _csr(train_df, users, songs), _csr(test_df, users, songs)
+    overlap = test.multiply(train)
+    test = (test - overlap).tocsr()
+    test.eliminate_zeros()
+    item_pop = np.bincount(train.indices, minlength=len(songs)).astype(np.float64)
+    return EvalData(songs.to_numpy(), users.to_numpy(), train, test, item_pop > 0, item_pop,
+                    tail_mask(item_pop), tie_order(len(songs), seed), int(overlap.nnz))
+
+
+def tail_mask(item_pop: np.ndarray, head_share: float = 1 - TAIL_SHARE) -> np.ndarray:
+    """True for songs outside the top `head_share` by training plays (ties broken by index, like the rankers)."""
+    n_head = int(np.ceil(head_share * item_pop.size))
+    order = np.argsort(-item_pop, kind="stable")
+    tail = np.ones(item_pop.size, dtype=bool)
+    tail[order[:n_head]] = False
+    return tail
+
+
+def slice_test(data: EvalData, name: str) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """(relevance matrix, candidate mask or None = whole catalogue) of one slice."""
+    if name == "all":
+        return data.test, None
+    keep = data.warm if name == "warm" else data.cold
+    test = (data.test @ sp.diags(keep.astype(np.float32))).tocsr()
+    test.eliminate_zeros()
+    return test, (data.cold if name == "cold" else None)
+
+
+# ------------------------------------------------------------------------------------------------ vectors
+
+
+def align_vectors(song_ids: np.ndarray, ids: list[str] | np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows of `vectors` in catalogue order; songs without a vector get zeros (they score 0). Returns the
+    matrix and how many catalogue songs had no vector."""
+    pos = pd.Index([str(i) for i in ids]).get_indexer(song_ids)
+    out = np.zeros((len(song_ids), vectors.shape[1]), dtype=np.float32)
+    out[pos >= 0] = np.asarray(vectors, dtype=np.float32)[pos[pos >= 0]]
+    return out, int((pos < 0).sum())
+
+
+def _read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    key = "embeddings" if "embeddings" in tensors else next(iter(tensors))
+    if "song_ids" not in meta:
+        raise ValueError(f"{path}: metadata has no 'song_ids' (a JSON list naming each row of '{key}')")
+    return json.loads(meta["song_ids"]), tensors[key]
+
+
+def llmrec_item_vectors(run: RunDir, variant: str | None = None) -> tuple[list[str], np.ndarray] | None:
+    """The trained model's song embeddings, or None when `llmrec train` has not written them yet.
+
+    Extension point for the training stage. Format of `runs/<name>/model/embeddings.safetensors`: one float tensor
+    `embeddings` [n_songs, dim] and the safetensors metadata entry `song_ids`, a JSON list naming each row (the
+    song ids of the catalog). Ablations write `embeddings-<variant>.safetensors` in the same format; they are
+    evaluated as models `llmrec-<variant>` (e.g. `llmrec-text`, `llmrec-audio`).
+    """
+    name = "embeddings.safetensors" if variant is None else f"embeddings-{variant}.safetensors"
+    path = run.model / name
+    return _read_embeddings(path) if path.is_file() else None
+
+
+def llmrec_variants(run: RunDir) -> list[str]:
+    return sorted(p.name[len("embeddings-"):-len(".safetensors")] for p in run.model.glob("embeddings-*.safetensors"))
+
+
+def text_item_vectors(cfg: Config, run: RunDir, catalog: Catalog, progress: bool = False
+                      ) -> tuple[list[str], np.ndarray, str]:
+    """Text features of every song: `features/text.safetensors` when `llmrec features` wrote it; otherwise the
+    features stage's own function computes them (same text, same encoder: `features.text_encoder`) into
+    `eval/text.safetensors`, where later evals reuse them while the catalog text is unchanged."""
+    from llmrec.features import load_text_features
+
+    if (run.features / "text.safetensors").is_file():
+        where, source = run.features, "from `llmrec features`"
+    else:
+        from data_prep.extract import build_text_features
+
+        if progress:
+            print(f"  text features: {run.features / 'text.safetensors'} not found; {cfg.features.text_encoder} "
+                  f"features of {len(catalog.songs)} songs go to {run.eval} (computed once, then reused)")
+        status = build_text_features(catalog, cfg, run.eval, progress=progress)["status"]
+        where, source = run.eval, f"features/text.safetensors not found: computed by eval ({status})"
+    feats = load_text_features(where)
+    return feats.song_ids, feats.text.numpy(), f"{feats.encoder}, {where / 'text.safetensors'} ({source})"
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class Hybrid(Recommender):
+    """CF for warm songs, content (llmrec) for cold ones, on a common scale.
+
+    Both score rows are z-normalised per user (over the whole catalogue); warm songs get
+    `weight * z(cf) + (1 - weight) * z(content)`, cold songs `z(content)` — CF scores of songs without plays are
+    meaningless (ALS leaves their factors at zero, BPR at their random initialisation).
+    """
+
+    def __init__(self, cf: Recommender, content: Recommender, warm: np.ndarray, weight: float = 0.5):
+        self.cf, self.content, self.warm, self.weight = cf, content, np.asarray(warm, bool), float(weight)
+
+    def fit(self, train, **side):
+        self.n_items = train.shape[1]  # parts are fitted by the caller and shared with their own entries
+        return self
+
+    def score(self, user_idx, train):
+        cf, content = _znorm(self.cf.score(user_idx, train)), _znorm(self.content.score(user_idx, train))
+        return np.where(self.warm[None, :], self.weight * cf + (1 - self.weight) * content, content)
+
+
+def _znorm(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float32)
+    std = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def tie_order(n_items: int, seed: int) -> np.ndarray:
+    """A fixed random order of the catalogue used to break score ties.
+
+    `topk_from_scores` breaks ties by lower index. Catalogue order is not random (lastfm-2k's artist ids follow
+    the crawl, so low ids are popular artists), and models that score many songs alike — MostPop, and every CF
+    model on songs without plays — would inherit that order's popularity as if it were skill."""
+    return np.random.default_rng([seed, 7]).permutation(n_items)
+
+
+def rank_users(model: Recommender, train: sp.csr_matrix, users: np.ndarray, width: int,
+               candidates: list[np.ndarray | None], order: np.ndarray) -> list[np.ndarray]:
+    """Top-`width` lists (rows = all users; -1 rows for users not in `users`) for each candidate mask, scoring
+    each batch of users once. Seen (train) songs are masked; ties are broken in `order` (see `tie_order`)."""
+    n_users, n_items = train.shape
+    out = [np.full((n_users, width), -1, dtype=np.int64) for _ in candidates]
+    batch = max(1, SCORE_BATCH_CELLS // max(n_items, 1))
+    for start in range(0, len(users), batch):
+        u = users[start:start + batch]
+        # Rank in permuted column space, then map the indices back.
+        scores, seen = model.score(u, train)[:, order], train[u][:, order]
+        for topk, cand in zip(out, candidates):
+            if cand is None or cand.any():
+                top = topk_from_scores(scores, width, exclude=seen, candidates=None if cand is None else cand[order])
+                topk[u] = np.where(top >= 0, order[np.maximum(top, 0)], -1)
+    return out
+
+
+def validation_recall(model: Recommender, d: EvalData, valid: sp.csr_matrix, k: int = 20,
+                      candidates: np.ndarray | None = None) -> float:
+    """recall@k of `model` (fitted on `d.train`) on the relevance matrix `valid`."""
+    users = np.flatnonzero(np.diff(valid.indptr))
+    if users.size == 0:
+        return float("nan")
+    topk = rank_users(model, d.train, users, k, [candidates], d.order)[0]
+    res = evaluate_topk(topk, valid, ks=[k], candidates=candidates)
+    return float("nan") if res.get("empty") else float(res[f"recall@{k}"])
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+
+
+@dataclass
+class Tuned:
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    how: str = "defaults (eval.tune=false)"
+    progress: bool = False  # a tqdm bar per searched model
+
+
+def _search(name: str, grid: list[dict], make: Callable[[dict], Recommender], score: Callable[[Recommender], float],
+            tuned: Tuned, incumbent: tuple[dict, float] | None = None) -> tuple[dict, float]:
+    """Try every setting in `grid` (and keep `incumbent` unless beaten); record all in `tuned.log`."""
+    best, best_score = incumbent if incumbent is not None else (grid[0], -np.inf)
+    for params in tqdm(grid, desc=f"tune {name}", disable=not tuned.progress, leave=False):
+        value = score(make(params))
+        tuned.log.setdefault(name, []).append({**params, "valid_recall@20": round(value, 6)})
+        if np.isfinite(value) and value > best_score:
+            best, best_score = params, value
+    tuned.params[name] = dict(best)
+    return tuned.params[name], best_score
+
+
+def inner_validation(train_df: pd.DataFrame, seed: int) -> Split:
+    """Tuning data: an item hold-out of the training part, so that the cold-start knobs can be tuned too."""
+    return item_holdout_split(train_df, cold_fraction=0.1, test_fraction=0.2, seed=seed + 1)
+
+
+def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.ndarray | None, seed: int,
+         progress: bool) -> Tuned:
+    """Grid-search the CF hyperparameters on warm validation recall@20, then the ridge strength of text2cf on cold
+    validation songs and the hybrid blend weight on all validation songs. The test part is never touched."""
+    inner = inner_validation(train_df, seed)
+    d = build_data(catalog, inner.train, inner.test, seed)
+    tuned = Tuned(how=f"grid search on an item hold-out of the training part ({len(inner.train)} fit / "
+                      f"{len(inner.test)} validation interactions), validation recall@20", progress=progress)
+    warm_valid, _ = slice_test(d, "warm")
+    cold_valid, cold_cand = slice_test(d, "cold")
+
+    def warm_score(model: Recommender) -> float:
+        return validation_recall(model.fit(d.train), d, warm_valid)
+
+    _search("itemknn", ITEMKNN_GRID, lambda p: ItemKNN(**p), warm_score, tuned)
+    for name, grid, factors, make in (("als", ALS_GRID_1, ALS_FACTORS, _als), ("bpr", BPR_GRID_1, BPR_FACTORS, _bpr)):
+        best = _search(name, grid, lambda p: make(p, seed), warm_score, tuned)
+        more = [{**best[0], "factors": f} for f in factors if f != best[0]["factors"]]
+        _search(name, more, lambda p: make(p, seed), warm_score, tuned, incumbent=best)
+
+    als = _als(tuned.params["als"], seed).fit(d.train)
+    _search("text2cf", [{"alpha": a} for a in RIDGE_ALPHAS],
+            lambda p: RidgeContentToCF(text, als, fit_cf=False, **p),
+            lambda m: validation_recall(m.fit(d.train), d, cold_valid, candidates=cold_cand),
+            tuned)
+    if llm is not None:
+        content = ContentKNN(llm).fit(d.train)
+        _search("hybrid", [{"weight": w} for w in BLEND_WEIGHTS],
+                lambda p: Hybrid(als, content, d.warm, **p),
+                lambda m: validation_recall(m.fit(d.train), d, d.test), tuned)
+    if progress:
+        for name, params in tuned.params.items():
+            best = max(r["valid_recall@20"] for r in tuned.log[name])
+            print(f"  tuned {name} ({len(tuned.log[name])} settings): {params}, validation recall@20 {best:.4f}")
+    return tuned
+
+
+def _als(params: dict, seed: int) -> ALS:
+    return ALS(**params, iterations=15, random_state=seed)
+
+
+def _bpr(params: dict, seed: int) -> BPR:
+    return BPR(**params, random_state=seed)
+
+
+def _als(params: dict, seed: int) -> ALS:
+    return ALS(**params, iterations=15, random_state=seed)
+
+
+def _bpr(params: dict, seed: int) -> BPR:
+    return BPR(**params, random_state=seed)
+
+
+def default_params(llm: bool) -> Tuned:
+    params = {k: dict(v) for k, v in DEFAULTS.items() if llm or k != "hybrid"}
+    return Tuned(params=params)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm: dict[str, np.ndarray],
+                 seed: int) -> dict[str, Recommender]:
+    """Every model, fitted on the training part. `llm` maps a model name (`llmrec`, `llmrec-<variant>`) to its
+    aligned song vectors; empty before training."""
+    x = data.train
+    models: dict[str, Recommender] = {
+        "random": RandomRec(seed=seed).fit(x),
+        "mostpop": MostPop().fit(x),
+        "itemknn": ItemKNN(**params["itemknn"]).fit(x),
+        "als": _als(params["als"], seed).fit(x),
+        "bpr": _bpr(params["bpr"], seed).fit(x),
+        "text": ContentKNN(text).fit(x),
+    }
+    models["text2cf"] = RidgeContentToCF(text, models["als"], fit_cf=False, **params["text2cf"]).fit(x)
+    for name, vectors in llm.items():
+        models[name] = ContentKNN(vectors).fit(x)
+    if "llmrec" in models:
+        models["hybrid"] = Hybrid(models["als"], models["llmrec"], data.warm, **params["hybrid"]).fit(x)
+    return models
+
+
+def evaluate_models(models: dict[str, Recommender], data: EvalData, ks: list[int], progress: bool
+                    ) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, np.ndarray]]]:
+    """results[slice][model] = metrics; per_user[slice][model] = per-user recall@20 (for the bootstrap)."""
+    users = np.flatnonzero(np.diff(data.test.indptr))
+    slices = {name: slice_test(data, name) for name in SLICES}
+    results: dict[str, dict[str, dict]] = {name: {} for name in SLICES}
+    per_user: dict[str, dict[str, np.ndarray]] = {name: {} for name in SLICES}
+    for model_name, model in models.items():
+        t0 = time.perf_counter()
+        whole, cold = rank_users(model, data.train, users, max(ks), [None, data.cold], data.order)
+        for slice_name, (test, cand) in slices.items():
+            if test.nnz == 0:
+                results[slice_name][model_name] = {"empty": True, "n_users": 0, "n_users_skipped": test.shape[0]}
+                continue
+            res, pu = evaluate_topk(cold if slice_name == "cold" else whole, test, ks=ks, candidates=cand,
+                                    is_tail=None if slice_name == "cold" else data.is_tail,
+                                    item_pop=None if slice_name == "cold" else data.item_pop,
+                                    n_pop_buckets=N_POP_BUCKETS, return_per_user=True)
+            results[slice_name][model_name] = res
+            per_user[slice_name][model_name] = pu[HEADLINE]
+        if progress:
+            print(f"  eval {model_name}: {time.perf_counter() - t0:.1f}s")
+    return results, per_user
+
+
+def best_cf(slice_results: dict[str, dict]) -> str | None:
+    scored = [(r[HEADLINE], m) for m, r in slice_results.items() if m in CF_MODELS and not r.get("empty")]
+    return max(scored)[1] if scored else None
+
+
+def headline(results: dict, per_user: dict, n_boot: int, seed: int) -> dict[str, Any]:
+    """Per slice: recall@20 with a 95% bootstrap CI (users resampled) for the best CF model, text and llmrec, and
+    paired CIs of their differences."""
+    out: dict[str, Any] = {}
+    for slice_name in SLICES:
+        cf = best_cf(results[slice_name])
+        if cf is None:
+            out[slice_name] = {"empty": True}
+            continue
+        pu = per_user[slice_name]
+        entry: dict[str, Any] = {"metric": HEADLINE, "best_cf": cf, "models": {}, "differences": {}}
+        for m in (cf, "text", "llmrec", "hybrid"):
+            if m in pu:
+                entry["models"][m] = bootstrap_ci(pu[m], n=n_boot, seed=seed)
+        for a, b in (("text", cf), ("llmrec", cf), ("hybrid", cf), ("llmrec", "text")):
+            if a in pu and b in pu:
+                entry["differences"][f"{a} - {b}"] = bootstrap_ci(pu[a], pu[b], n=n_boot, seed=seed)
+        out[slice_name] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def load_eval_catalog(run: RunDir) -> Catalog:
+    if not (run.catalog / "interactions.parquet").is_file():
+        raise MissingArtefactError(f"{run.catalog} has no catalog; run `llmrec prepare --run-dir {run.root}` first")
+    return load_catalog(run.catalog)
+
+
+def positives(df: pd.DataFrame) -> pd.DataFrame:
+    """Skips are not positives (the same rule as the training examples, data_prep/examples.py)."""
+    return df[df["event"].fillna("play") != "skip"] if "event" in df.columns else df
+
+
+def load_llm_vectors(run: RunDir, song_ids: np.ndarray, notes: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for variant in [None, *llmrec_variants(run)]:
+        found = llmrec_item_vectors(run, variant)
+        if found is None:
+            continue
+        name = "llmrec" if variant is None else f"llmrec-{variant}"
+        out[name], missing = align_vectors(song_ids, *found)
+        if missing:
+            notes.append(f"{name}: {missing} catalogue songs have no embedding (they score 0)")
+    if "llmrec" not in out:
+        notes.append(LLMREC_NOT_TRAINED)
+    return out
+
+
+def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    progress = not getattr(args, "no_progress", False)
+    t_start = time.perf_counter()
+    catalog = load_eval_catalog(run)
+    split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
+    # The validation window (if any) is training data for the final models; tuning carves its own hold-out.
+    train_df = positives(pd.concat([split.train, split.valid], ignore_index=True))
+    data = build_data(catalog, train_df, positives(split.test), cfg.seed)
+    ks = sorted(set(cfg.eval.ks) | {20})
+    notes = dataset_notes(catalog, cfg, split)
+    text_ids, text_vecs, text_source = text_item_vectors(cfg, run, catalog, progress)
+    text, missing_text = align_vectors(data.song_ids, text_ids, text_vecs)
+    if missing_text:
+        notes.append(f"text: {missing_text} catalogue songs have no text features (they score 0)")
+    llm = load_llm_vectors(run, data.song_ids, notes)
+    t_tune = time.perf_counter()
+    tuned = (tune(catalog, train_df, text, llm.get("llmrec"), cfg.seed, progress) if cfg.eval.tune
+             else default_params("llmrec" in llm))
+    t_fit = time.perf_counter()
+    models = build_models(data, tuned.params, text, llm, cfg.seed)
+    results, per_user = evaluate_models(models, data, ks, progress)
+    report = {
+        "dataset": catalog.meta.get("dataset") or catalog.meta.get("source") or "unknown",
+        "item_kind": catalog.meta.get("item_kind", "song"),
+        "split": split_summary(split, data, cfg),
+        "ks": ks,
+        "models": list(models),
+        "results": results,
+        "headline": headline(results, per_user, cfg.eval.bootstrap, cfg.seed),
+        "hyperparameters": tuned.params,
+        "tuning": {"how": tuned.how, "grid": tuned.log},
+        "text_features": text_source,
+        "notes": notes,
+        "seconds": {"tune": round(t_fit - t_tune, 1), "fit_and_eval": round(time.perf_counter() - t_fit, 1),
+                    "total": round(time.perf_counter() - t_start, 1)},
+    }
+    paths = write_report(run.eval, report)
+    summary = {s: {m: round(r[HEADLINE], 4) for m, r in results[s].items() if not r.get("empty")} for s in SLICES}
+    return {"report": str(paths[0]), "markdown": str(paths[1]), "plots": ", ".join(p.name for p in paths[2:]),
+            **{f"{HEADLINE} ({s})": summary[s] or "empty slice" for s in SLICES}}
+
+
+def dataset_notes(catalog: Catalog, cfg: Config, split: Split) -> list[str]:
+    notes = []
+    if catalog.meta.get("item_kind") == "artist":
+        notes.append("Items are ARTISTS, not songs (lastfm-2k): 'songs' in this report are artists, and every "
+                     "content model sees text only (artist name + user tags; no audio, cover or lyrics).")
+    notes.append("Cold slice: CF models know nothing about songs without plays (MostPop, ItemKNN, ALS and BPR "
+                 "give them all the same score: implicit leaves their factors at zero), and ties are broken in a "
+                 "fixed random order, so their cold numbers are chance level; compare the content models (text, "
+                 "text2cf, llmrec) there.")
+    if split.kind != cfg.eval.split:
+        notes.append(f"eval.split={cfg.eval.split!r} was requested; the catalog has no usable time axis, so the "
+                     f"{split.kind!r} split was used (llmrec.split.split_catalog)")
+    return notes
+
+
+def split_summary(split: Split, data: EvalData, cfg: Config) -> dict[str, Any]:
+    out = split.summary()
+    out["requested"] = cfg.eval.split
+    out["repeat_test_pairs_dropped"] = data.repeats_dropped  # test pairs already in train: masked, unreachable
+    out["slices"] = {}
+    for name in SLICES:
+        test, cand = slice_test(data, name)
+        out["slices"][name] = {
+            "test_pairs": int(test.nnz),
+            "test_users": int((np.diff(test.indptr) > 0).sum()),
+            "users_skipped": int((np.diff(test.indptr) == 0).sum()),  # no test play in this slice
+            "candidates": int(len(data.song_ids) if cand is None else cand.sum()),
+            "empty": bool(test.nnz == 0),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+LOWER_IS_BETTER = ("gini@",)
+BEYOND_ACCURACY = ("coverage@", "gini@", "tail_share@")
+
+
+def table_columns(ks: list[int], slice_name: str) -> list[str]:
+    cols = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["hr@20", "mrr", "coverage@20", "gini@20"]
+    return cols + ([] if slice_name == "cold" else ["tail_share@20"])
+
+
+def _best_per_column(rows: dict[str, dict], cols: list[str]) -> dict[str, float]:
+    best = {}
+    for c in cols:
+        # Random trivially "wins" coverage/gini/tail share; bold the best real model there.
+        vals = [r[c] for m, r in rows.items() if c in r and np.isfinite(r[c])
+                and not (m == "random" and c.startswith(BEYOND_ACCURACY))]
+        if vals:
+            best[c] = min(vals) if c.startswith(LOWER_IS_BETTER) else max(vals)
+    return best
+
+
+def markdown_table(rows: dict[str, dict], cols: list[str]) -> list[str]:
+    best = _best_per_column(rows, cols)
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for model, r in rows.items():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            text = "–" if v is None or not np.isfinite(v) else f"{v:.4f}"
+            cells.append(f"**{text}**" if v is not None and c in best and v == best[c] else text)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ci(c: dict) -> str:
+    return f"{c['mean']:.4f} [{c['lo']:.4f}, {c['hi']:.4f}]"
+
+
+def render_markdown(report: dict, plots: list[Path]) -> str:
+    sp_ = report["split"]
+    out = [f"# Offline evaluation: {report['dataset']}", ""]
+    out += [f"- {n}" for n in report["notes"]]
+    out += ["", f"Split: `{sp_['kind']}` (split time {sp_['split_time']}); train {sp_['train']} / valid "
+                f"{sp_['valid']} / test {sp_['test']} interactions; {sp_['warm_songs']} warm and {sp_['cold_songs']} "
+                f"cold {report['item_kind']}s; {sp_['repeat_test_pairs_dropped']} test pairs already in train dropped.",
+            "Full-catalogue ranking, seen items masked; the cold slice ranks among cold items only. "
+            f"Text features: {report['text_features']}.", ""]
+    for name in SLICES:
+        info = sp_["slices"][name]
+        out.append(f"## {name} — {info['test_users']} users, {info['test_pairs']} test pairs, "
+                   f"{info['candidates']} candidates ({info['users_skipped']} users without a test play skipped)")
+        out.append("")
+        if info["empty"]:
+            out += ["Empty slice: no test plays here, so no model is scored (not a zero).", ""]
+            continue
+        out += markdown_table(report["results"][name], table_columns(report["ks"], name)) + [""]
+    out += ["Bold: best per column (lowest for gini; random is left out of coverage/gini/tail share).", "",
+            "## Headline: recall@20 with 95% bootstrap CIs (users resampled)", ""]
+    for name, h in report["headline"].items():
+        if h.get("empty"):
+            out.append(f"- {name}: empty slice")
+            continue
+        models = ", ".join(f"{m} {_ci(c)}" for m, c in h["models"].items())
+        diffs = ", ".join(f"{d} {_ci(c)}" for d, c in h["differences"].items())
+        out.append(f"- {name}: best CF = {h['best_cf']}; {models}" + (f"; differences: {diffs}" if diffs else ""))
+    out += ["", "## Hyperparameters", "", f"Chosen by {report['tuning']['how']}:", ""]
+    out += [f"- {m}: {json.dumps(p)}" for m, p in report["hyperparameters"].items()]
+    out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def _savefig(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_recall_curves(report: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SLICES), figsize=(5 * len(SLICES), 4), squeeze=False)
+    for ax, name in zip(axes[0], SLICES):
+        ax.set_title(f"{name} slice")
+        ax.set_xlabel("K")
+        ax.set_ylabel("recall@K")
+        rows = report["results"][name]
+        if report["split"]["slices"][name]["empty"]:
+            ax.text(0.5, 0.5, "empty slice", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for model, r in rows.items():
+            ax.plot(report["ks"], [r[f"recall@{k}"] for k in report["ks"]], marker="o", label=model)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['dataset']}: recall@K", y=1.03)  # above the per-slice titles
+    path = _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_popularity_recall(report: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]["all"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    models = [m for m, r in rows.items() if not r.get("empty")]
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        vals = [rows[model].get(f"recall@20_pop{b}", np.nan) for b in range(N_POP_BUCKETS)]
+        ax.bar(np.arange(N_POP_BUCKETS) + i * width, np.nan_to_num(vals), width, label=model)
+    ax.set_xticks(np.arange(N_POP_BUCKETS) + 0.4 - width / 2)
+    ax.set_xticklabels([f"bucket {b}" + (" (least)" if b == 0 else " (most)" if b == N_POP_BUCKETS - 1 else "")
+                        for b in range(N_POP_BUCKETS)])
+    ax.set_ylabel("recall@20 (micro)")
+    ax.set_title("recall@20 by training popularity of the relevant item (all slice)")
+    ax.legend(fontsize=7, ncol=2)
+    path = _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_cold_start(report: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if report["split"]["slices"]["cold"]["empty"]:
+        ax.text(0.5, 0.5, "cold slice empty: no test plays of cold items", ha="center", va="center",
+                transform=ax.transAxes)
+    else:
+        rows = report["results"]["cold"]
+        ax.bar(list(rows), [r["recall@20"] for r in rows.values()], color="tab:blue", label="recall@20")
+        ax.bar(list(rows), [r["ndcg@20"] for r in rows.values()], color="tab:orange", width=0.4, label="ndcg@20")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend()
+    ax.set_title("cold-start: ranking among cold items only")
+    path = _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_report(directory: Path, report: dict) -> list[Path]:
+    """report.json, report.md and the PNG plots, each written atomically. Returns [json, md, *pngs]."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers and CI
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = [plot_recall_curves(report, directory / "recall_at_k.png"),
+             plot_popularity_recall(report, directory / "recall_by_popularity.png"),
+             plot_cold_start(report, directory / "cold_start.png")]
+    atomic_write_json(directory / "report.json", _jsonable(report))
+    atomic_write_text(directory / "report.md", render_markdown(report, plots))
+    return [directory / "report.json", directory / "report.md", *plots]
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj

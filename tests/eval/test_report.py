@@ -1,0 +1,268 @@
+"""`llmrec eval` end to end on the quick synthetic catalog, plus the item hold-out split it uses for lastfm."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data_prep.synthetic import load_song_attributes
+from eval import report as rep
+from llmrec import cli
+from llmrec.io import MissingArtefactError, RunDir, open_run_dir
+from llmrec.schema import Catalog, save_catalog
+from llmrec.split import item_holdout_split, split_catalog
+
+QUIET = argparse.Namespace(no_progress=True)
+CF_AND_CONTENT = ["random", "mostpop", "itemknn", "als", "bpr", "text", "text2cf"]
+
+
+def one_hot_vectors(songs: pd.DataFrame, attrs: pd.DataFrame, columns: list[str], noise: float, seed: int
+                    ) -> np.ndarray:
+    """Song vectors from latent attributes (one-hot per column) plus noise: a stand-in for learned features."""
+    a = attrs.set_index("song_id").loc[songs.song_id]
+    parts = [pd.get_dummies(a[c].astype(str)).to_numpy(np.float32) for c in columns]
+    x = np.concatenate(parts, axis=1)
+    return x + noise * np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+
+
+def write_vectors(path, key: str, song_ids: list[str], vectors: np.ndarray, encoder: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))}, str(path),
+              metadata={"song_ids": json.dumps(list(song_ids)), "encoder": encoder})
+
+
+def make_run(root, catalog_dir, text: bool = True) -> RunDir:
+    """A run directory whose catalog is the shared synthetic one (symlinked: it is read-only here) and, like after
+    `llmrec features`, text features (genre/language one-hots standing in for sentence embeddings: fast)."""
+    run = open_run_dir(root)
+    run.catalog.symlink_to(catalog_dir, target_is_directory=True)
+    if text:
+        from llmrec.schema import load_catalog
+
+        songs = load_catalog(run.catalog).songs
+        vecs = one_hot_vectors(songs, load_song_attributes(run.catalog), ["genre", "language"], 0.3, 0)
+        write_vectors(run.features / "text.safetensors", "text", list(songs.song_id), vecs, "test-onehot")
+    return run
+
+
+@pytest.fixture(scope="module")
+def eval_cfg(quick_config):
+    cfg = copy.deepcopy(quick_config)
+    cfg.eval.bootstrap = 50
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, synthetic_catalog, eval_cfg):
+    run = make_run(tmp_path_factory.mktemp("eval") / "run", synthetic_catalog.root)
+    out = rep.run_eval(eval_cfg, run, QUIET)
+    return run, out, json.loads((run.eval / "report.json").read_text())
+
+
+def test_report_json_follows_the_contract(evaluated):
+    run, out, report = evaluated
+    assert {"dataset", "split", "results", "hyperparameters", "notes"} <= set(report)
+    assert report["dataset"] == "synthetic" and out["report"] == str(run.eval / "report.json")
+    assert set(report["results"]) == {"all", "warm", "cold"}
+    assert report["models"] == CF_AND_CONTENT
+    for slice_name, rows in report["results"].items():
+        assert set(rows) == set(CF_AND_CONTENT), slice_name
+        for model, metrics in rows.items():
+            for key in ("recall@10", "recall@20", "recall@50", "ndcg@20", "hr@20", "mrr", "coverage@20", "gini@20"):
+                assert 0.0 <= metrics[key] <= 1.0, (slice_name, model, key)
+    assert "tail_share@20" in report["results"]["all"]["als"]
+    assert "recall@20_pop0" in report["results"]["warm"]["itemknn"]
+    # The cold slice ranks among cold songs only: its candidate count is the number of cold songs.
+    assert report["split"]["slices"]["cold"]["candidates"] == report["results"]["cold"]["als"]["n_candidates"] < 144
+    assert report["split"]["kind"] == "temporal" and report["split"]["cold_songs"] > 0
+
+
+def test_tuned_hyperparameters_and_headline_are_recorded(evaluated):
+    _, _, report = evaluated
+    hp = report["hyperparameters"]
+    assert set(hp) >= {"itemknn", "als", "bpr", "text2cf"}
+    assert hp["als"]["factors"] in rep.ALS_FACTORS and "k" in hp["itemknn"]
+    assert len(report["tuning"]["grid"]["als"]) == len(rep.ALS_GRID_1) + len(rep.ALS_FACTORS) - 1
+    assert rep.LLMREC_NOT_TRAINED in report["notes"]
+    head = report["headline"]["warm"]
+    assert head["best_cf"] in rep.CF_MODELS
+    ci = head["models"]["text"]
+    assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert f"text - {head['best_cf']}" in head["differences"]
+
+
+def test_markdown_and_plots_are_written(evaluated):
+    run, _, _ = evaluated
+    md = (run.eval / "report.md").read_text()
+    for slice_name in ("all", "warm", "cold"):
+        assert f"## {slice_name} —" in md
+    assert "| itemknn |" in md and "**" in md  # best per column in bold
+    for name in ("recall_at_k.png", "recall_by_popularity.png", "cold_start.png"):
+        data = (run.eval / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+
+def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, eval_cfg):
+    run = make_run(tmp_path / "run", synthetic_catalog.root)
+    songs = synthetic_catalog.songs
+    attrs = load_song_attributes(synthetic_catalog.root)
+    # "Embeddings" that know every latent taste attribute: a model that should win the cold slice.
+    columns = ["genre", "mood", "instrument", "tempo_class"]
+    columns = [c for c in columns if c in attrs.columns]
+    vecs = one_hot_vectors(songs, attrs, columns, 0.05, 1)
+    write_vectors(run.model / "embeddings.safetensors", "embeddings", list(songs.song_id), vecs, "test")
+    assert rep.llmrec_item_vectors(run)[1].shape == vecs.shape
+    report = json.loads(open(rep.run_eval(eval_cfg, run, QUIET)["report"]).read())
+    for rows in report["results"].values():
+        assert {"llmrec", "hybrid"} <= set(rows)
+    assert report["hyperparameters"]["hybrid"]["weight"] in rep.BLEND_WEIGHTS
+    assert rep.LLMREC_NOT_TRAINED not in report["notes"]
+    cold = report["results"]["cold"]
+    assert cold["llmrec"]["recall@20"] > cold["random"]["recall@20"]
+    assert "llmrec - text" in report["headline"]["cold"]["differences"]
+
+
+def test_empty_cold_slice_is_reported_as_empty_not_zero(tmp_path, synthetic_catalog, eval_cfg):
+    cat = synthetic_catalog
+    split = split_catalog(cat)
+    # No test plays of cold songs: drop every interaction of a song first played after the split time.
+    inter = cat.interactions[~cat.interactions.song_id.isin(split.cold_songs)]
+    catalog_dir = save_catalog(Catalog(cat.songs, cat.users, inter, meta=cat.meta), tmp_path / "catalog")
+    run = open_run_dir(tmp_path / "run")
+    run.catalog.symlink_to(catalog_dir, target_is_directory=True)
+    write_vectors(run.features / "text.safetensors", "text", list(cat.songs.song_id),
+                  np.eye(len(cat.songs), 16, dtype=np.float32), "test")
+    cfg = copy.deepcopy(eval_cfg)
+    cfg.eval.tune = False
+    out = rep.run_eval(cfg, run, QUIET)
+    report = json.loads((run.eval / "report.json").read_text())
+    assert report["split"]["slices"]["cold"]["empty"] is True
+    for model, metrics in report["results"]["cold"].items():
+        assert metrics["empty"] is True and "recall@20" not in metrics, model
+    assert report["headline"]["cold"] == {"empty": True}
+    assert out["recall@20 (cold)"] == "empty slice"
+    assert "Empty slice" in (run.eval / "report.md").read_text()
+    assert report["hyperparameters"] == {k: v for k, v in rep.DEFAULTS.items() if k != "hybrid"}
+
+
+def test_missing_catalog_names_the_prepare_stage(tmp_path, eval_cfg, capsys):
+    with pytest.raises(MissingArtefactError, match="llmrec prepare"):
+        rep.run_eval(eval_cfg, open_run_dir(tmp_path / "empty"), None)
+    assert cli.main(["eval", "--run-dir", str(tmp_path / "empty2")]) == 2
+    assert "run `llmrec prepare" in capsys.readouterr().err
+
+
+def test_text_features_are_computed_when_the_features_stage_did_not_run(tmp_path, synthetic_catalog, eval_cfg):
+    run = make_run(tmp_path / "run", synthetic_catalog.root, text=False)
+    cfg = copy.deepcopy(eval_cfg)
+    cfg.features.text_encoder = "tfidf"  # the features stage's cheap encoder: no model load in a unit test
+    ids, vecs, source = rep.text_item_vectors(cfg, run, synthetic_catalog)
+    assert len(ids) == len(synthetic_catalog.songs) and vecs.shape[0] == len(ids)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert (run.eval / "text.safetensors").is_file() and "computed by eval" in source
+
+
+def test_build_data_binarises_and_drops_repeat_pairs(synthetic_catalog):
+    train = pd.DataFrame({"user_id": ["u00000", "u00000", "u00001"], "song_id": ["s00000", "s00000", "s00001"]})
+    test = pd.DataFrame({"user_id": ["u00000", "u00000"], "song_id": ["s00000", "s00002"]})
+    d = rep.build_data(synthetic_catalog, train, test)
+    assert d.train.nnz == 2 and d.train.data.max() == 1.0
+    assert d.test.nnz == 1 and d.repeats_dropped == 1  # (u0, s0) was already played in train
+    assert d.warm.sum() == 2 and d.is_tail.sum() == len(d.song_ids) - int(np.ceil(0.2 * len(d.song_ids)))
+
+
+def test_hybrid_blends_warm_songs_and_uses_content_alone_for_cold():
+    class Fixed(rep.Recommender):
+        def __init__(self, s):
+            self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
+
+        def fit(self, train, **side):
+            return self
+
+        def score(self, user_idx, train):
+            return self.s[user_idx]
+
+    cf, content = Fixed([[3.0, 1.0, 0.0, 0.0]]), Fixed([[0.0, 1.0, 2.0, 5.0]])
+    warm = np.array([True, True, False, False])
+    z = rep._znorm(content.s)
+    assert np.allclose(rep.Hybrid(cf, content, warm, 0.0).score([0], None), z)
+    full_cf = rep.Hybrid(cf, content, warm, 1.0).score([0], None)
+    assert np.allclose(full_cf[0, :2], rep._znorm(cf.s)[0, :2]) and np.allclose(full_cf[0, 2:], z[0, 2:])
+
+
+def test_ties_are_broken_in_a_fixed_random_order_not_by_catalogue_index():
+    import scipy.sparse as sp
+
+    class Scores(rep.Recommender):
+        def __init__(self, s):
+            self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
+
+        def fit(self, train, **side):
+            return self
+
+        def score(self, user_idx, train):
+            return np.repeat(self.s, len(user_idx), axis=0)
+
+    n = 50
+    train = sp.csr_matrix(([1.0], ([1], [3])), shape=(2, n), dtype=np.float32)  # user 1 has seen song 3
+    order = rep.tie_order(n, seed=0)
+    flat = rep.rank_users(Scores(np.zeros((1, n))), train, np.array([0, 1]), 5, [None], order)[0]
+    assert list(flat[0]) == list(order[:5]) != list(range(5))  # all tied: the shuffled order decides
+    assert 3 not in flat[1]  # a seen song is never recommended, whatever the order
+    graded = rep.rank_users(Scores(-np.arange(n)[None, :]), train, np.array([0]), 5, [None], order)[0]
+    assert list(graded[0]) == [0, 1, 2, 3, 4]  # real score differences are untouched
+
+
+# ------------------------------------------------------------------------------------------------ item hold-out
+
+
+def toy_log(n_users=50, n_songs=40, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = {(f"u{u}", f"s{s}") for u in range(n_users) for s in rng.choice(n_songs, size=8, replace=False)}
+    users, songs = zip(*sorted(rows))
+    return pd.DataFrame({"user_id": users, "song_id": songs, "timestamp": pd.Timestamp("2011-01-01", tz="UTC")})
+
+
+def test_item_holdout_holds_items_out_entirely_and_keeps_user_profiles():
+    log = toy_log()
+    s = item_holdout_split(log, cold_fraction=0.25, test_fraction=0.2, seed=3)
+    assert s.kind == "item_holdout" and s.split_time is None and len(s.valid) == 0
+    assert len(s.train) + len(s.test) == len(log)
+    assert not set(s.train.song_id) & s.cold_songs  # cold songs have no train plays at all
+    assert (s.test.song_id.isin(s.cold_songs)).sum() == log.song_id.isin(s.cold_songs).sum()
+    assert len(s.cold_songs) == round(0.25 * log.song_id.nunique())
+    # Every other song keeps at least one train play, so the cold set is exactly the held-out songs.
+    assert s.warm_songs == set(log.song_id) - s.cold_songs
+    warm_test = s.test[~s.test.song_id.isin(s.cold_songs)]
+    assert 0.1 < len(warm_test) / (len(warm_test) + len(s.train)) < 0.3
+    pairs = set(zip(s.train.user_id, s.train.song_id))
+    assert not pairs & set(zip(s.test.user_id, s.test.song_id))
+    # Deterministic for a seed, different for another.
+    again = item_holdout_split(log, cold_fraction=0.25, test_fraction=0.2, seed=3)
+    assert again.cold_songs == s.cold_songs and again.test.equals(s.test)
+    assert item_holdout_split(log, cold_fraction=0.25, seed=4).cold_songs != s.cold_songs
+
+
+def test_item_holdout_never_holds_out_single_listener_songs_or_empties_a_user():
+    log = pd.concat([toy_log(), pd.DataFrame({"user_id": ["u0", "lonely"], "song_id": ["rare", "s1"],
+                                              "timestamp": pd.Timestamp("2011-01-01", tz="UTC")})])
+    s = item_holdout_split(log, cold_fraction=0.5, test_fraction=0.5, seed=0)
+    assert "rare" not in s.cold_songs
+    # "lonely" has one interaction: at most all but one goes to test, so it stays in train unless its song is cold.
+    if "s1" not in s.cold_songs:
+        assert "lonely" in set(s.train.user_id)
+
+
+def test_split_catalog_uses_item_holdout_for_catalogs_without_a_time_axis(synthetic_catalog):
+    cat = copy.copy(synthetic_catalog)
+    cat.meta = {**synthetic_catalog.meta, "time_axis": False, "split_time": None}
+    assert split_catalog(cat, "temporal").kind == "item_holdout"
+    assert split_catalog(synthetic_catalog, "item_holdout").kind == "item_holdout"
+    with pytest.raises(ValueError, match="item_holdout"):
+        split_catalog(synthetic_catalog, "nope")
