@@ -702,6 +702,23 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
     }
 
 
+def _modality_summary(manifest: dict, kind: str, examples: int = 3) -> str:
+    """'142 ok, 2 missing (e.g. s00003: empty file, ...)': missing media are counted and named, never dropped."""
+    counts = manifest.get("counts", {})
+    text = f"{counts.get(f'{kind}_ok', 0)} ok, {counts.get(f'{kind}_missing', 0)} missing"
+    missing = [f"{sid}: {rec[f'{kind}_reason']}" for sid, rec in manifest.get("songs", {}).items()
+               if rec[kind] == "missing"][:examples]
+    return text + (f" (e.g. {'; '.join(missing)}; reasons per song in manifest.json)" if missing else "")
+
+
+def _speed(result: dict, engine: str) -> str:
+    if not result["songs_computed"]:
+        return "nothing to compute: every shard was up to date"
+    rss = ", ".join(f"{v:.0f}" for v in result["peak_rss_mb"].values())
+    return (f"{result['songs_per_s']:.1f} songs/s with {result['workers']} {engine} worker(s), "
+            f"peak RSS {rss} MB")
+
+
 def run_features(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict:
     """`llmrec features`: returns what it wrote, for the CLI to print."""
     progress = not getattr(args, "no_progress", False)
@@ -710,16 +727,13 @@ def run_features(cfg: Config, run: RunDir, args: argparse.Namespace | None = Non
     catalog = load_catalog(run.require(run.catalog, "prepare"))
     result = extract_features(cfg, catalog, run.features, progress)
     m = result["manifest"]
-    counts = m.get("counts", {})
     out = {
         "features": str(run.features),
         "shards": f"{m.get('num_shards_done', 0)}/{len(result['plan'])} done "
                   f"({result['computed']} computed now, {len(result['mine']) - result['computed']} reused)",
-        "audio": f"{counts.get('audio_ok', 0)} ok, {counts.get('audio_missing', 0)} missing",
-        "cover": f"{counts.get('cover_ok', 0)} ok, {counts.get('cover_missing', 0)} missing",
-        "speed": f"{result['songs_per_s']:.1f} songs/s with {result['workers']} {cfg.features.engine} worker(s)"
-                 + (f", peak RSS {', '.join(f'{v:.0f}' for v in result['peak_rss_mb'].values())} MB"
-                    if result["peak_rss_mb"] else ""),
+        "audio": _modality_summary(m, "audio"),
+        "cover": _modality_summary(m, "cover"),
+        "speed": _speed(result, cfg.features.engine),
         "encoders": result["encoders"]["dir"],
         "manifest": str(run.features / "manifest.json"),
     }

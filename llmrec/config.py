@@ -231,6 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Shrinks every stage so that `llmrec demo --quick` and the tests finish in a few minutes on 2 cores.
     "quick": {
+        "features": {"encoder_pretrain_steps": 20},
         "synthetic": {"n_songs": 120, "n_new_songs": 24, "n_users": 80, "n_artists": 20, "events_per_user": 40.0,
                       "audio_seconds": 2.0},
         "model": {"tokenizer_vocab": 800, "hidden_size": 128, "num_layers": 2, "intermediate_size": 344,
