@@ -332,14 +332,6 @@ def _bpr(params: dict, seed: int) -> BPR:
     return BPR(**params, random_state=seed)
 
 
-def _als(params: dict, seed: int) -> ALS:
-    return ALS(**params, iterations=15, random_state=seed)
-
-
-def _bpr(params: dict, seed: int) -> BPR:
-    return BPR(**params, random_state=seed)
-
-
 def default_params(llm: bool) -> Tuned:
     params = {k: dict(v) for k, v in DEFAULTS.items() if llm or k != "hybrid"}
     return Tuned(params=params)

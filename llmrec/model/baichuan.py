@@ -49,6 +49,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llmrec.io import atomic_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -443,7 +445,7 @@ def convert_baichuan_checkpoint(
 
     Writes safetensors weights + config via `save_pretrained`, the tokenizer when `tokenizer.model` is present,
     Baichuan's generation_config.json when present, and `conversion.json` recording the source. Everything is
-    built in `dst_dir + ".tmp"` and moved into place with os.replace, so an interrupted run never leaves a
+    built under a temporary name next to `dst_dir` and moved into place (llmrec.io.atomic_dir), so an interrupted run never leaves a
     half-written `dst_dir`. An existing `dst_dir` is replaced only with `overwrite=True`.
     """
     src, dst = Path(src_dir), Path(dst_dir)
@@ -461,10 +463,7 @@ def convert_baichuan_checkpoint(
     model = _build_llama(llama_cfg, convert_baichuan_state_dict(raw, c, norm_head=norm_head), None)
     del raw
 
-    tmp = Path(str(dst) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted run
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(dst) as tmp:  # built under a temporary name, swapped in whole (llmrec.io)
         if (src / "generation_config.json").is_file():
             # Baichuan's chat settings (user/assistant token ids 195/196, sampling defaults) stay useful.
             try:
@@ -495,16 +494,6 @@ def convert_baichuan_checkpoint(
             json.dump(record, f, indent=2)
             f.write("\n")
 
-        if dst.exists():  # overwrite=True: swap the old directory out, the new one in, then delete the old
-            old = Path(str(dst) + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
