@@ -108,13 +108,33 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"every embedding prompt must contain the {EMBED_TOKEN} token")
         last = (is_emb * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(pooled, media)
+
+    def head(self, pooled: torch.Tensor, media: MediaBatch | None) -> torch.Tensor:
+        """Embedding head on the `<emb>` hidden states [N, H] (+ late fusion of this batch's media rows).
+
+        Split from `embed` so that a serving engine which computes the hidden states itself (vLLM's pooling runner
+        returns the final hidden state of the last prompt token) applies exactly the same head."""
         audio = cover = None
         if self.cfg.late_fusion and media is not None:
-            if media.audio.shape[0] != input_ids.shape[0] or media.cover.shape[0] != input_ids.shape[0]:
+            if media.audio.shape[0] != pooled.shape[0] or media.cover.shape[0] != pooled.shape[0]:
                 raise ValueError("late fusion needs exactly one audio and one cover row per embedding prompt")
             audio = self.audio_proj.pooled(media.audio, media.audio_present)
             cover = self.cover_proj.pooled(media.cover, media.cover_present)
         return self.embed_head(pooled.float(), audio, cover)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, max_new_tokens: int = 64,
+                 **kwargs) -> torch.Tensor:
+        """Greedy (by default) generation from spliced embeddings; rows must be LEFT-padded. Returns only the new
+        token ids [N, <= max_new_tokens] (transformers drops the prompt when generating from inputs_embeds)."""
+        if attention_mask.shape[1] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs left-padded prompts (tokenizer.padding_side = 'left')")
+        embeds = self.splice(input_ids, media)
+        kwargs.setdefault("do_sample", False)
+        tok = self.tokenizer
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- save/load
     def multimodal_state_dict(self) -> dict[str, torch.Tensor]:

@@ -117,3 +117,42 @@ def test_info_nce_prefers_matching_pairs():
     assert info_nce(x, x) < info_nce(x, x.roll(1, dims=0))
     with pytest.raises(ValueError, match="paired rows"):
         info_nce(x, x[:3])
+
+
+def _greedy_by_hand(model, text, m, steps):
+    """Reference: repeated full forward passes on the spliced prompt, argmax each step (no KV cache)."""
+    ids, mask = encode(model, [text])
+    embeds = model.splice(ids, m)
+    out = []
+    for _ in range(steps):
+        logits = model.lm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt == model.tokenizer.eos_token_id:
+            break
+        embeds = torch.cat([embeds, model.lm.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
+    return out
+
+
+def test_generate_left_padded_batch_matches_greedy_by_hand(model):
+    texts = [f"a slow piano song {AUDIO_TOKEN}", f"you like fast synth rock with a calm cover {AUDIO_TOKEN}{COVER_TOKEN}"]
+    model.tokenizer.padding_side = "left"
+    try:
+        ids, mask = encode(model, texts)
+    finally:
+        model.tokenizer.padding_side = "right"
+    assert (mask[:, 0] == 0).any()  # the batch really is padded
+    m = media(2, 1)
+    with torch.no_grad():
+        new = model.generate(ids, mask, m, max_new_tokens=6)
+        rows = [MediaBatch(m.audio[:1], m.audio_present[:1], m.cover[:0], m.cover_present[:0]),
+                MediaBatch(m.audio[1:], m.audio_present[1:], m.cover, m.cover_present)]
+        for i, text in enumerate(texts):
+            ref = _greedy_by_hand(model, text, rows[i], 6)
+            assert new[i].tolist()[: len(ref)] == ref
+
+
+def test_generate_refuses_right_padding(model):
+    ids, mask = encode(model, ["a slow piano song", "recommended because you like fast synth rock"])
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, mask, None, max_new_tokens=2)

@@ -1,0 +1,68 @@
+"""The engine contract: one prompt (+ its media feature rows) in, a song embedding or a greedy reason out.
+
+Both engines (transformers in `hf.py`, vLLM in `vllm.py`) load the same serving bundle (`train/export.py`) and must
+give the same outputs for the same inputs: the same greedy reason, and the same embedding to float tolerance. The
+HTTP app, the index builder and the benchmarks talk only to this interface.
+
+Shared rules, so the engines cannot drift apart:
+- a prompt is tokenised as `[BOS] + tokenizer(expand_placeholders(prompt))` (`prompt_token_ids`), exactly as the
+  training collator does;
+- media rows are spliced by `MultimodalLM.splice` (the n-th placeholder group takes the n-th feature row);
+- the song embedding is `MultimodalLM.head` applied to the final hidden state at the last prompt token, which is
+  the `<emb>` token of an embedding prompt (`llmrec.text.build_embed_prompt` ends with it).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmrec.model.mm_lm import MediaBatch, MultimodalLM, expand_placeholders
+from llmrec.text import EMBED_TOKEN
+
+
+@dataclass
+class EngineInput:
+    """One request row: the prompt with each song's placeholders written once, and the media feature rows for its
+    placeholder groups in order (`MediaBatch` with N_audio / N_cover rows; zero rows when it has none)."""
+
+    prompt: str
+    media: MediaBatch
+
+
+def prompt_token_ids(model: MultimodalLM, prompt: str) -> list[int]:
+    """Token ids of one prompt exactly as training saw it (BOS + expanded placeholders, no EOS)."""
+    tok = model.tokenizer
+    return [tok.bos_token_id] + tok(expand_placeholders(prompt, model.cfg.audio_tokens, model.cfg.cover_tokens),
+                                    add_special_tokens=False).input_ids
+
+
+def check_embed_prompt(model: MultimodalLM, ids: list[int]) -> None:
+    if not ids or ids[-1] != model.embed_id:
+        raise ValueError(f"an embedding prompt must end with {EMBED_TOKEN} (use llmrec.text.build_embed_prompt)")
+
+
+class Engine(ABC):
+    """A loaded serving bundle that embeds songs and writes reasons, in batches."""
+
+    name: str = "engine"
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def bundle_hash(self) -> str: ...
+
+    @abstractmethod
+    def embed(self, items: list[EngineInput]) -> np.ndarray:
+        """[len(items), embedding_dim] float32, unit-norm rows; each prompt ends with `<emb>`."""
+
+    @abstractmethod
+    def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
+        """Greedy continuation of each prompt, decoded without special tokens, stripped."""
+
+    def close(self) -> None:
+        """Release processes/memory (vLLM spawns workers); safe to call twice."""
