@@ -66,3 +66,12 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Release processes/memory (vLLM spawns workers); safe to call twice."""
+
+
+def concat_media(items: list[EngineInput]) -> MediaBatch:
+    """The media rows of a batch of requests in placeholder order (row-major: request by request), which is the
+    order `MultimodalLM.splice` fills them in."""
+    import torch
+
+    return MediaBatch(*(torch.cat([getattr(it.media, f) for it in items])
+                        for f in ("audio", "audio_present", "cover", "cover_present")))

@@ -1,0 +1,71 @@
+"""The transformers engine: the serving bundle in eval mode, batched forward passes on spliced embeddings.
+
+A fair baseline for the vLLM engine (never a weakened one): whole batches per call, left padding + greedy
+`generate` with the KV cache for reasons, right padding + one forward pass for embeddings. Concurrent HTTP requests
+reach it already grouped into batches by `serve.batching.MicroBatcher`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmrec.model.bundle import load_bundle
+from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media, prompt_token_ids
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, bundle_dir: str | os.PathLike, serve_cfg=None, dtype: torch.dtype | None = None):
+        self.bundle_dir = Path(bundle_dir)
+        self.model, self.meta = load_bundle(self.bundle_dir, dtype=dtype)
+        self.max_positions = int(getattr(self.model.lm.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.cfg.embedding_dim)
+
+    @property
+    def bundle_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    def token_ids(self, item: EngineInput, reserve: int = 0) -> list[int]:
+        ids = prompt_token_ids(self.model, item.prompt)
+        if len(ids) + reserve > self.max_positions:
+            raise ValueError(f"prompt of {len(ids)} tokens (+{reserve} to generate) exceeds the model's context of "
+                             f"{self.max_positions} tokens; shorten the text fields")
+        return ids
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.model.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, span] = torch.tensor(r, dtype=torch.long)
+            mask[i, span] = 1
+        return ids, mask
+
+    @torch.inference_mode()
+    def embed(self, items: list[EngineInput]) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        rows = [self.token_ids(it) for it in items]
+        for r in rows:
+            check_embed_prompt(self.model, r)
+        # Right padding: the causal mask keeps padding out of every real token's hidden state, and
+        # `MultimodalLM.embed` reads the state at each row's own `<emb>` position.
+        ids, mask = self._pad(rows, left=False)
+        emb = self.model.embed(ids, mask, concat_media(items))
+        return emb.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
+        if not items:
+            return []
+        ids, mask = self._pad([self.token_ids(it, max_new_tokens) for it in items], left=True)
+        out = self.model.generate(ids, mask, concat_media(items), max_new_tokens=max_new_tokens)
+        return [t.strip() for t in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
