@@ -142,6 +142,14 @@ class ServeConfig:
     request_timeout_s: float = 30.0
     index: str = "flat"  # `flat` (exact inner product), `ivf`, `hnsw`
     media_roots: list[str] = field(default_factory=list)
+    max_wait_ms: float = 5.0  # dynamic batching: how long the first queued request waits for others
+    max_new_tokens: int = 48  # reason length
+    max_top_k: int = 100  # /v1/recommendations: largest k a client may ask for
+    max_upload_bytes: int = 4 * 1024 * 1024  # per audio/cover upload (decoded size)
+    ivf_nlist: int = 0  # IVF cells (0 = 4 * sqrt(songs)); an IVF index needs at least that many songs to train
+    ivf_nprobe: int = 8
+    hnsw_m: int = 32
+    embed_batch: int = 32  # `llmrec serve --build-index`: songs per engine call
 
 
 @dataclass
