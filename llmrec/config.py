@@ -161,15 +161,15 @@ class EvalConfig:
     valid_days: int = 0
     bootstrap: int = 1000
     tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/report.py)
+    # Reason quality (eval/reasons.py): held-out plays explained by the bundle and checked against the catalog;
+    # small so that the demo's eval stays fast on CPU (0 turns generation off).
+    reasons: int = 16
+    reasons_max_new_tokens: int = 48
 
 
 @dataclass
 class PromptConfig:
     """Prompt templates (llmrec.text): how much of each untrusted field goes in, and token budgets.
-    # Reason quality (eval/reasons.py): held-out plays explained by the bundle and checked against the catalog;
-    # small so that the demo's eval stays fast on CPU (0 turns generation off).
-    reasons: int = 16
-    reasons_max_new_tokens: int = 48
 
     Budgets are in tokens as counted by the `count_tokens` given to the builders (an approximation by default);
     each `<audio>`/`<cover>` placeholder counts as what the tokenizer makes of it, before its K-token expansion.
