@@ -110,23 +110,28 @@ class FeatureConfig:
 
 @dataclass
 class TrainConfig:
-    stage0_steps: int = 300
-    stage1_steps: int = 150
-    stage2_steps: int = 300
+    # Sized so that the default `llmrec demo` (680 songs, 4x256 backbone) trains in ~3-4 min on 2 CPU cores.
+    stage0_steps: int = 120
+    stage1_steps: int = 50
+    stage2_steps: int = 120
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4
     lr_stage0: float = 2e-3  # stage 0: full training of the tiny backbone from scratch
     lr_stage1: float = 1e-3  # stage 1: projectors only
     warmup_ratio: float = 0.05
-    max_length: int = 384
-    save_every: int = 100
+    max_length: int = 256
+    save_every: int = 50
     lm_weight: float = 1.0
     cf_weight: float = 1.0
     colisten_weight: float = 0.5
     temperature: float = 0.07
     gradient_checkpointing: bool = False
-    deepspeed: str | None = None  # path to a DeepSpeed JSON config (train/configs/zero2.json, ...)
+    # Strategy: null = one process or DDP (whatever the launcher started); a DeepSpeed JSON config selects ZeRO
+    # (train/configs/zero2.json, zero3.json, zero3_offload.json; their "auto" values are filled from this section).
+    deepspeed: str | None = None
+    mixed_precision: str = "auto"  # `auto` (bf16 on GPUs that support it, else fp32), `no`, `bf16`, `fp16`
+    max_grad_norm: float = 1.0  # gradient clipping (DeepSpeed's gradient_clipping)
 
 
 @dataclass
@@ -176,8 +181,8 @@ class PromptConfig:
     """
 
     history_len: int = 5  # stage 2: most recent distinct history songs shown, one line each
-    song_budget: int = 160  # tokens for one song block (stage 1 and the embedding prompt)
-    stage2_budget: int = 192  # tokens for the whole stage-2 prompt; the candidate block gets what history leaves
+    song_budget: int = 96  # tokens for one song block (stage 1 and the embedding prompt)
+    stage2_budget: int = 128  # tokens for the whole stage-2 prompt; the candidate block gets what history leaves
     max_field_chars: int = 120  # title, artist, album
     max_label_chars: int = 30  # one genre / tag / language label
     max_labels: int = 5  # genres (and extra tags) shown

@@ -47,12 +47,13 @@ def _embed_prompts(songs, count_tokens=None, budget: int | None = None) -> dict[
     return {row["song_id"]: build_embed_prompt(row, media=both, **kw).text for row in songs.to_dict("records")}
 
 
-def item_prompts(songs, tokenizer, mm_cfg: MMConfig, max_length: int) -> dict[str, str]:
-    """The embedding prompt of every song, sized with the real tokenizer so that each fits `max_length` after the
-    placeholders expand to K tokens each."""
+def item_prompts(songs, tokenizer, mm_cfg: MMConfig, max_length: int, budget: int) -> dict[str, str]:
+    """The embedding prompt of every song, sized with the real tokenizer: at most `budget` tokens (pass
+    `cfg.prompt.song_budget`, as training does, so served embeddings match) and always short enough to fit
+    `max_length` after the placeholders expand to K tokens each."""
     expansion = 2 * (mm_cfg.audio_tokens + mm_cfg.cover_tokens) + 2
     count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    return _embed_prompts(songs, count, max_length - expansion)
+    return _embed_prompts(songs, count, min(budget, max_length - expansion))
 
 
 def _rows_that_fit(rows: list[dict], collate: MultimodalCollator, name: str) -> list[dict]:
@@ -242,7 +243,7 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     model = MultimodalLM(lm, tokenizer, _mm_config(cfg, features, len(pairs[0]["cf_factor"])))
     collate = MultimodalCollator(tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
                                  cfg.train.max_length)
-    prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length)
+    prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length, cfg.prompt.song_budget)
     s1 = stage1(cfg, run, model, collate, accelerator, progress)
     s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress)
     out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)

@@ -208,7 +208,10 @@ def test_real_catalog_with_hostile_comments(synthetic_catalog, quick_config):
     songs["comments"] = [[HOSTILE_COMMENTS[i % k], HOSTILE_COMMENTS[(i + 1) % k]] for i in range(len(songs))]
     small = dataclasses.replace(synthetic_catalog, songs=songs, meta={**synthetic_catalog.meta, "source": "table"},
                                 interactions=inter[inter.user_id.isin(sorted(set(inter.user_id))[:15])])
-    ex = make_examples(small, quick_config, truth=None)
+    # Budgets roomy enough that comments (ranked after metadata and lyrics) reach the prompts at all.
+    roomy = dataclasses.replace(quick_config, prompt=dataclasses.replace(quick_config.prompt, song_budget=160,
+                                                                         stage2_budget=192))
+    ex = make_examples(small, roomy, truth=None)
     assert ex.meta["answers_from"] == "genres and artist" and ex.stage2
     for kind in ("injection_like", "special_tokens", "control_chars", "truncated"):
         assert ex.meta["sanitizer"][kind] >= len(songs) // k, kind

@@ -57,11 +57,13 @@ def test_bundle_reloads_with_identical_embeddings(trained):
     model, meta = load_bundle(run.model / "bundle")
     assert len(meta["content_hash"]) == 64
     features = load_media_features(run.features)
-    collate = MultimodalCollator(model.tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens, 384)
+    collate = MultimodalCollator(model.tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
+                                 cfg.train.max_length)
     from llmrec.schema import load_catalog
     from train.stages import song_embeddings
 
-    prompts = item_prompts(load_catalog(run.catalog).songs, model.tokenizer, model.cfg, 384)
+    prompts = item_prompts(load_catalog(run.catalog).songs, model.tokenizer, model.cfg, cfg.train.max_length,
+                           cfg.prompt.song_budget)
     ids, emb = song_embeddings(model, collate, prompts)
     with safe_open(str(run.model / "embeddings.safetensors"), "pt") as f:
         saved = f.get_tensor("embeddings")
