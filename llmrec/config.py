@@ -155,6 +155,7 @@ class ServeConfig:
     ivf_nprobe: int = 8
     hnsw_m: int = 32
     embed_batch: int = 32  # `llmrec serve --build-index`: songs per engine call
+    cors_origins: list[str] = field(default_factory=list)  # empty = CORS off (no browser origin may call the API)
 
 
 @dataclass
