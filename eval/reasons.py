@@ -416,11 +416,14 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     texts, gen_s = generate_reasons(model, features, [c.prompt for c in cases], cfg.eval.reasons_max_new_tokens,
                                     max_length=cfg.train.max_length)
     kept = [i for i, t in enumerate(texts) if t is not None]
+    if not kept:
+        return {**section, "prompts_too_long": len(texts),
+                "skipped": f"all {len(texts)} sampled prompts exceed train.max_length={cfg.train.max_length} tokens"}
     metrics, claims = score_reasons(checker, [texts[i] for i in kept], [cands[i] for i in kept],
                                     [hists[i] for i in kept])
     if progress:
         print(f"  reasons: {len(kept)} generated in {gen_s:.1f}s (+{load_s:.1f}s loading)")
-    samples = [{"user": cases[i].user_id, "song": cases[i].song_id, "reason": texts[i],
+    samples = [{"user": cases[i].user_id, "song": cases[i].song_id, "history": cases[i].history, "reason": texts[i],
                 "claims": _claims_json(cl), "template_reason": templates[i]}
                for i, cl in zip(kept[:N_SAMPLES], claims[:N_SAMPLES])]
     return {**section, **metrics,

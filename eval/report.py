@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from eval.baselines import ALS, BPR, ContentKNN, ItemKNN, MostPop, RandomRec, Recommender, RidgeContentToCF
 from eval.metrics import bootstrap_ci, evaluate_topk, topk_from_scores
+from eval.reasons import evaluate_reasons
 from llmrec.config import Config
 from llmrec.io import MissingArtefactError, RunDir, atomic_path, atomic_write_json, atomic_write_text
 from llmrec.schema import Catalog, load_catalog
@@ -462,6 +463,11 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     t_fit = time.perf_counter()
     models = build_models(data, tuned.params, text, llm, cfg.seed)
     results, per_user = evaluate_models(models, data, ks, progress)
+    t_reasons = time.perf_counter()
+    reasons = evaluate_reasons(cfg, run, catalog, train_df, positives(split.test), progress)
+    t_reasons = time.perf_counter() - t_reasons
+    if reasons.get("skipped"):
+        notes.append(f"reasons: {reasons['skipped']}")
     report = {
         "dataset": catalog.meta.get("dataset") or catalog.meta.get("source") or "unknown",
         "item_kind": catalog.meta.get("item_kind", "song"),
@@ -474,7 +480,9 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
         "tuning": {"how": tuned.how, "grid": tuned.log},
         "text_features": text_source,
         "notes": notes,
-        "seconds": {"tune": round(t_fit - t_tune, 1), "fit_and_eval": round(time.perf_counter() - t_fit, 1),
+        "reasons": reasons,
+        "seconds": {"tune": round(t_fit - t_tune, 1), "reasons": round(t_reasons, 1),
+                    "fit_and_eval": round(time.perf_counter() - t_fit - t_reasons, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
     }
     paths = write_report(run.eval, report)
@@ -581,10 +589,45 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
         models = ", ".join(f"{m} {_ci(c)}" for m, c in h["models"].items())
         diffs = ", ".join(f"{d} {_ci(c)}" for d, c in h["differences"].items())
         out.append(f"- {name}: best CF = {h['best_cf']}; {models}" + (f"; differences: {diffs}" if diffs else ""))
+    out += reasons_markdown(report.get("reasons") or {})
     out += ["", "## Hyperparameters", "", f"Chosen by {report['tuning']['how']}:", ""]
     out += [f"- {m}: {json.dumps(p)}" for m, p in report["hyperparameters"].items()]
     out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+REASON_COLUMNS = ("faithfulness", "hallucination_rate", "claims_per_reason", "distinct_1", "distinct_2",
+                  "mean_words", "degenerate_share")
+N_MD_SAMPLES = 5
+
+
+def _num(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def reasons_markdown(r: dict) -> list[str]:
+    """The reason-quality section: generated vs the example generator's template reasons, and a few samples."""
+    out = ["", "## Reasons", ""]
+    if r.get("skipped"):
+        out.append(f"Not generated: {r['skipped']}.")
+    rows = [(f"llmrec ({r['n']} held-out plays)", r)] if r.get("n") else []
+    if r.get("template", {}).get("n"):
+        rows.append(("template (training-example generator, same plays)", r["template"]))
+    if rows:
+        out += ["", "| reasons | " + " | ".join(REASON_COLUMNS) + " |", "|---" * (len(REASON_COLUMNS) + 1) + "|"]
+        out += [f"| {name} | " + " | ".join(_num(m.get(c)) for c in REASON_COLUMNS) + " |" for name, m in rows]
+        out += ["", f"Claims (genre, mood, instrument, tempo, key, artist, a quoted history title) checked against "
+                    f"{r.get('ground_truth', 'the catalog')}; faithfulness = true claims / claims, hallucination "
+                    f"rate = reasons with a false claim / reasons."]
+    if r.get("n"):
+        out.append(f"Greedy generation: {_num(r.get('latency_ms_per_reason'))} ms per reason (batched, "
+                   f"max {r.get('max_new_tokens')} new tokens).")
+        out += ["", "Samples (✓ true claim, ✗ false claim):", ""]
+        for s in r.get("samples", [])[:N_MD_SAMPLES]:
+            claims = ", ".join(f"{'✓' if c['true'] else '✗'} {c['kind']}={c['value']}" for c in s["claims"]) or "none"
+            text = " ".join(s["reason"].split()).replace("|", "/")  # one line, no table breaks
+            out.append(f"- {s['user']} → {s['song']}: “{text}” — claims: {claims}")
+    return out
 
 
 def _savefig(fig, path: Path) -> Path:

@@ -127,3 +127,199 @@ def test_degenerate_reasons():
     assert is_degenerate("la la la la la")  # (la, la, la) three times: a loop
     assert not is_degenerate("the song the song the song")  # each 3-gram only twice
     assert not is_degenerate("A calm piano song, like the ones you replay at night.")
+
+
+# ------------------------------------------------------------------------------------------------ generation + report
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from data_prep.synthetic import load_song_attributes  # noqa: E402
+from eval import reasons as rs  # noqa: E402
+from eval.report import positives, run_eval  # noqa: E402
+from llmrec.io import open_run_dir  # noqa: E402
+from llmrec.schema import load_catalog  # noqa: E402
+from llmrec.split import split_catalog  # noqa: E402
+from train.collate import MultimodalCollator  # noqa: E402
+
+CONTRACT = {"faithfulness", "hallucination_rate", "claims_per_reason", "distinct_1", "distinct_2", "mean_words",
+            "n", "latency_ms_per_reason", "samples"}
+L, K, D = 2, 2, 8  # feature layers, tokens per modality, feature width of the fake features
+
+
+def write_fake_features(features_dir, song_ids: list[str]) -> None:
+    """What `llmrec features` leaves behind, in the reader's format (llmrec.features), with random features."""
+    g = torch.Generator().manual_seed(0)
+    n = len(song_ids)
+    features_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"audio": torch.randn(n, L, K, D, generator=g), "audio_present": torch.ones(n, dtype=torch.uint8),
+               "cover": torch.randn(n, 1, K, D, generator=g), "cover_present": torch.ones(n, dtype=torch.uint8)},
+              str(features_dir / "shard-00000.safetensors"), metadata={"song_ids": json.dumps(song_ids)})
+    sha = hashlib.sha256(json.dumps(song_ids).encode()).hexdigest()
+    (features_dir / "manifest.json").write_text(json.dumps(
+        {"complete": True, "shards": {"shard-00000.safetensors": {"index": 0, "song_ids_sha": sha}}}))
+    vecs = torch.randn(n, 16, generator=g)
+    save_file({"text": vecs / vecs.norm(dim=1, keepdim=True)}, str(features_dir / "text.safetensors"),
+              metadata={"song_ids": json.dumps(song_ids), "encoder": "test-random"})
+
+
+def write_random_bundle(out, songs) -> None:
+    """An untrained multimodal LM (1-layer, 32-wide Llama; BPE on the catalog titles), exported as in training."""
+    from llmrec.config import ModelConfig
+    from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
+    from llmrec.model.mm_lm import MMConfig, MultimodalLM
+    from train.export import export_bundle
+
+    tok = train_bpe_tokenizer(list(songs.title) + list(songs.artist), vocab_size=400)
+    lm = build_tiny_llama(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                      max_positions=4096), tok)
+    cfg = MMConfig(projector="linear", audio_layers=L, audio_tokens=K, audio_dim=D, cover_layers=1, cover_tokens=K,
+                   cover_dim=D, embedding_dim=8, cf_dim=4)
+    torch.manual_seed(0)
+    model = MultimodalLM(lm, tok, cfg).eval()
+    with torch.no_grad():  # large random weights: the greedy continuation then depends on the prompt and media
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    export_bundle(model, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synthetic_catalog, quick_config):
+    run = open_run_dir(tmp_path_factory.mktemp("reasons") / "run")
+    run.catalog.symlink_to(synthetic_catalog.root, target_is_directory=True)
+    write_fake_features(run.features, list(synthetic_catalog.songs.song_id))
+    write_random_bundle(run.model / "bundle", synthetic_catalog.songs)
+    cfg = copy.deepcopy(quick_config)
+    cfg.eval.reasons, cfg.eval.reasons_max_new_tokens, cfg.eval.tune, cfg.eval.bootstrap = 4, 6, False, 20
+    cfg.train.max_length = 4096  # the test tokenizer's 400-token BPE makes long prompts
+    return cfg, run
+
+
+def split_frames(catalog, cfg):
+    split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
+    return positives(pd.concat([split.train, split.valid], ignore_index=True)), positives(split.test)
+
+
+def test_sampled_cases_use_training_history_only(synthetic_catalog, quick_config):
+    cat, cfg = synthetic_catalog, quick_config
+    train, test = split_frames(cat, cfg)
+    cases, skipped = rs.sample_cases(cat.songs, train, test, 20, seed=0, prompt_config=cfg.prompt)
+    assert len(cases) == 20 and len({(c.user_id, c.song_id) for c in cases}) == 20
+    train_pairs = set(zip(train.user_id, train.song_id))
+    test_pairs = set(zip(test.user_id, test.song_id))
+    assert skipped["repeat_pairs"] == len(test_pairs & train_pairs)
+    for c in cases:
+        assert (c.user_id, c.song_id) in test_pairs and (c.user_id, c.song_id) not in train_pairs
+        mine = train[train.user_id == c.user_id].sort_values("timestamp", kind="stable")
+        assert set(c.history) <= set(mine.song_id) and c.song_id not in c.history
+        assert 1 <= len(c.history) <= cfg.prompt.history_len
+        assert c.history[0] == mine.song_id.iloc[-1]  # most recent training play first
+        title = cat.songs.set_index("song_id").title[c.history[0]]
+        assert f'1. <audio><cover> "{title}"' in c.prompt.text
+    again, _ = rs.sample_cases(cat.songs, train, test, 20, seed=0, prompt_config=cfg.prompt)
+    assert [(c.user_id, c.song_id) for c in again] == [(c.user_id, c.song_id) for c in cases]
+    other, _ = rs.sample_cases(cat.songs, train, test, 20, seed=1, prompt_config=cfg.prompt)
+    assert {(c.user_id, c.song_id) for c in other} != {(c.user_id, c.song_id) for c in cases}
+
+
+def test_template_reasons_pass_the_checker(synthetic_catalog, quick_config):
+    """The example generator only states shared attributes: every one of its claims must check out."""
+    cat, cfg = synthetic_catalog, quick_config
+    attrs = load_song_attributes(cat.root)
+    cases, _ = rs.sample_cases(cat.songs, *split_frames(cat, cfg), 40, seed=0, prompt_config=cfg.prompt)
+    texts = rs.template_reasons(cases, cat.songs, attrs, seed=0, prompt_config=cfg.prompt)
+    m, _ = rs.score_reasons(rs.ReasonChecker(cat.songs, attrs, cfg.prompt), texts, [c.song_id for c in cases],
+                            [c.history for c in cases])
+    assert m["n"] == 40 and m["claims_per_reason"] >= 1.0
+    assert m["faithfulness"] == 1.0 and m["hallucination_rate"] == 0.0
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run, synthetic_catalog):
+    from llmrec.features import load_media_features
+    from llmrec.model.bundle import load_bundle
+
+    cfg, run = tiny_run
+    model, _ = load_bundle(run.model / "bundle")
+    features = load_media_features(run.features)
+    cases, _ = rs.sample_cases(synthetic_catalog.songs, *split_frames(synthetic_catalog, cfg), 3, seed=0,
+                               prompt_config=cfg.prompt)
+    prompts = [c.prompt for c in cases]
+    batched, seconds = rs.generate_reasons(model, features, prompts, 5, batch_size=3, max_length=4096)
+    alone = [rs.generate_reasons(model, features, [p], 5, batch_size=1, max_length=4096)[0][0] for p in prompts]
+    assert batched == alone and all(isinstance(t, str) for t in batched) and seconds > 0
+    assert len(set(batched)) > 1  # outputs differ per prompt, so a padding or media-order mistake would show
+    # Prompts of different lengths really were padded in the batch.
+    assert len({len(p.text) for p in prompts}) > 1
+    # A prompt over max_length is not generated (None), the others are.
+    collate = MultimodalCollator(model.tokenizer, features, K, K, max_length=4096)
+    lengths = [len(collate.encode(p.text, None)[0]) for p in prompts]
+    shortest = int(np.argmin(lengths))
+    cut, _ = rs.generate_reasons(model, features, prompts, 5, max_length=lengths[shortest])
+    assert cut[shortest] == batched[shortest] and None in cut
+
+
+def test_eval_report_has_a_reasons_section(tiny_run):
+    cfg, run = tiny_run
+    run_eval(cfg, run, argparse.Namespace(no_progress=True))
+    report = json.loads((run.eval / "report.json").read_text())
+    r = report["reasons"]
+    assert CONTRACT <= set(r) and r["n"] == 4 and "skipped" not in r
+    for key in ("hallucination_rate", "distinct_1", "distinct_2", "degenerate_share", "empty_share"):
+        assert 0.0 <= r[key] <= 1.0, key
+    assert r["faithfulness"] is None or 0.0 <= r["faithfulness"] <= 1.0
+    assert r["latency_ms_per_reason"] > 0 and r["claims_per_reason"] >= 0
+    assert r["template"]["faithfulness"] == 1.0
+    # The section agrees with the checker on the very texts it reports (all 4 are among the samples).
+    checker = rs.ReasonChecker(load_catalog(run.catalog).songs,
+                               load_song_attributes(run.catalog), cfg.prompt)
+    texts = [s["reason"] for s in r["samples"]]
+    claims = [checker.check(s["reason"], s["song"], s["history"]) for s in r["samples"]]
+    assert [rs._claims_json(c) for c in claims] == [s["claims"] for s in r["samples"]]
+    again = rs.reason_metrics(texts, claims)
+    for key in ("faithfulness", "hallucination_rate", "claims_per_reason", "distinct_1", "distinct_2", "mean_words"):
+        assert again[key] == (pytest.approx(r[key]) if r[key] is not None else None), key
+    md = (run.eval / "report.md").read_text()
+    assert "## Reasons" in md and "| template (" in md and md.count(f"- {r['samples'][0]['user']} →") >= 1
+
+
+def test_without_a_bundle_the_section_says_so_and_keeps_the_template_reference(tmp_path, tiny_run,
+                                                                               synthetic_catalog):
+    cfg, _ = tiny_run
+    run = open_run_dir(tmp_path / "run")
+    run.catalog.symlink_to(synthetic_catalog.root, target_is_directory=True)
+    r = rs.evaluate_reasons(cfg, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))
+    assert r["n"] == 0 and "llmrec train" in r["skipped"] and r["template"]["n"] == 4
+    off = copy.deepcopy(cfg)
+    off.eval.reasons = 0
+    assert rs.evaluate_reasons(off, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))["n"] == 0
+
+
+def test_section_scores_what_the_model_wrote(tiny_run, synthetic_catalog, monkeypatch):
+    """Generation swapped for known texts — the candidate's true genre and a mood it does not have — so every
+    figure of the section is known by hand: 2 claims per reason, one of them false."""
+    cfg, run = tiny_run
+    truth = load_song_attributes(synthetic_catalog.root).set_index("song_id")
+    moods = sorted(truth["mood"].unique())
+
+    def fake_generate(model, features, prompts, max_new_tokens, batch_size=16, max_length=1024):
+        out = []
+        for p in prompts:
+            sid = (p.audio_song_ids or p.cover_song_ids)[-1]  # the candidate's placeholders come last
+            wrong = next(m for m in moods if m != truth.at[sid, "mood"])
+            out.append(f"A {truth.at[sid, 'genre']} song with a {wrong} cover.")
+        return out, 0.004 * len(prompts)
+
+    monkeypatch.setattr(rs, "generate_reasons", fake_generate)
+    r = rs.evaluate_reasons(cfg, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))
+    assert r["n"] == 4 and r["claims_per_reason"] == 2.0
+    assert r["faithfulness"] == 0.5 and r["hallucination_rate"] == 1.0 and r["grounded_share"] == 0.0
+    assert r["by_kind"] == {"genre": {"n": 4, "faithfulness": 1.0}, "mood": {"n": 4, "faithfulness": 0.0}}
+    assert r["mean_words"] == 7.0 and r["latency_ms_per_reason"] == pytest.approx(4.0)
+    kinds = [(c["kind"], c["true"]) for c in r["samples"][0]["claims"]]
+    assert kinds == [("genre", True), ("mood", False)]
