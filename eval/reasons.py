@@ -14,7 +14,8 @@ checked claim by claim against the catalog:
 
 Text inside quotes is never searched for attributes (a title such as "Dark Horse" is not a mood claim), and the
 longest match wins ("Lady Jazz Parade" is an artist, not the genre jazz). A fact stated twice counts once. Words
-that happen to be vocabulary values ("happy to share") count as claims: the checker is deliberately literal.
+that happen to be vocabulary values ("happy to share") count as claims, and negation is not understood ("not a
+rock song" claims rock): the checker is deliberately literal, so it errs towards reporting hallucinations.
 Language is not checked (the data has codes such as `en`, not words a reason would use).
 
 Metrics (`reason_metrics`): faithfulness (true claims / all claims), hallucination rate (reasons with at least one
@@ -281,8 +282,10 @@ def sample_cases(songs: pd.DataFrame, train_df: pd.DataFrame, test_df: pd.DataFr
     has_history = set(train["user_id"])
     repeat = np.array([p in played for p in zip(test["user_id"], test["song_id"])], dtype=bool)
     no_history = ~test["user_id"].isin(has_history).to_numpy()
-    pool = test[~repeat & ~no_history].sort_values(["user_id", "song_id"], kind="stable")
-    skipped = {"repeat_pairs": int(repeat.sum()), "users_without_history": int((no_history & ~repeat).sum())}
+    unknown = ~test["song_id"].isin(set(songs["song_id"].astype(str))).to_numpy()
+    pool = test[~repeat & ~no_history & ~unknown].sort_values(["user_id", "song_id"], kind="stable")
+    skipped = {"repeat_pairs": int(repeat.sum()), "users_without_history": int((no_history & ~repeat).sum()),
+               "songs_not_in_catalog": int((unknown & ~repeat & ~no_history).sum())}
     if pool.empty or n <= 0:
         return [], skipped
     pick = np.sort(np.random.default_rng([seed, 11]).choice(len(pool), size=min(n, len(pool)), replace=False))
@@ -389,18 +392,20 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     Without a bundle the section says so ("skipped") and still carries the template reference."""
     from data_prep.synthetic import load_song_attributes
 
+    # Every key of the section is always there (None when not measured), so readers need no special cases.
+    empty = {**reason_metrics([], []), "latency_ms_per_reason": None, "samples": []}
     n = int(cfg.eval.reasons)
     if n <= 0:
-        return {"n": 0, "skipped": "eval.reasons=0: reason generation turned off"}
+        return {**empty, "skipped": "eval.reasons=0: reason generation turned off"}
     attributes = load_song_attributes(run.catalog)
     checker = ReasonChecker.from_catalog(catalog, attributes, cfg.prompt)
     cases, skipped = sample_cases(catalog.songs, train_df, test_df, n, cfg.seed, cfg.prompt)
     if not cases:
-        return {"n": 0, "skipped": "no held-out plays with a training history to explain", "cases_skipped": skipped}
+        return {**empty, "skipped": "no held-out plays with a training history to explain", "cases_skipped": skipped}
     cands, hists = [c.song_id for c in cases], [c.history for c in cases]
     templates = template_reasons(cases, catalog.songs, attributes, cfg.seed, cfg.prompt)
     template_metrics, _ = score_reasons(checker, templates, cands, hists)
-    section: dict[str, Any] = {"n": 0, "cases_skipped": skipped, "template": template_metrics,
+    section: dict[str, Any] = {**empty, "cases_skipped": skipped, "template": template_metrics,
                                "ground_truth": "songs.parquet" + (" + song_attributes.parquet" if attributes is
                                                                   not None else " (genres, artist)")}
     bundle = run.model / "bundle"

@@ -226,6 +226,11 @@ def test_sampled_cases_use_training_history_only(synthetic_catalog, quick_config
     assert [(c.user_id, c.song_id) for c in again] == [(c.user_id, c.song_id) for c in cases]
     other, _ = rs.sample_cases(cat.songs, train, test, 20, seed=1, prompt_config=cfg.prompt)
     assert {(c.user_id, c.song_id) for c in other} != {(c.user_id, c.song_id) for c in cases}
+    # A test play of a song the catalog does not have, and one by a user with no training plays: skipped, counted.
+    odd = pd.DataFrame({"user_id": [train.user_id.iloc[0], "newcomer"],
+                        "song_id": ["no-such-song", test.song_id.iloc[0]]})
+    cases, skipped = rs.sample_cases(cat.songs, train, odd, 5, seed=0, prompt_config=cfg.prompt)
+    assert cases == [] and skipped == {"repeat_pairs": 0, "users_without_history": 1, "songs_not_in_catalog": 1}
 
 
 def test_template_reasons_pass_the_checker(synthetic_catalog, quick_config):
@@ -295,9 +300,11 @@ def test_without_a_bundle_the_section_says_so_and_keeps_the_template_reference(t
     run.catalog.symlink_to(synthetic_catalog.root, target_is_directory=True)
     r = rs.evaluate_reasons(cfg, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))
     assert r["n"] == 0 and "llmrec train" in r["skipped"] and r["template"]["n"] == 4
+    assert CONTRACT <= set(r) and r["faithfulness"] is None and r["samples"] == []  # not measured: None, not 0
     off = copy.deepcopy(cfg)
     off.eval.reasons = 0
-    assert rs.evaluate_reasons(off, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))["n"] == 0
+    r = rs.evaluate_reasons(off, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))
+    assert r["n"] == 0 and "eval.reasons=0" in r["skipped"] and r["hallucination_rate"] is None
 
 
 def test_section_scores_what_the_model_wrote(tiny_run, synthetic_catalog, monkeypatch):
