@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from eval.ablation import ablation_markdown, modality_ablation, plot_ablation
 from eval.baselines import ALS, BPR, ContentKNN, ItemKNN, MostPop, RandomRec, Recommender, RidgeContentToCF
 from eval.metrics import bootstrap_ci, evaluate_topk, topk_from_scores
 from eval.reasons import evaluate_reasons
@@ -468,6 +469,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     t_reasons = time.perf_counter() - t_reasons
     if reasons.get("skipped"):
         notes.append(f"reasons: {reasons['skipped']}")
+    ablation = modality_ablation(run, data.song_ids, text, llm)
     report = {
         "dataset": catalog.meta.get("dataset") or catalog.meta.get("source") or "unknown",
         "item_kind": catalog.meta.get("item_kind", "song"),
@@ -481,6 +483,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
         "text_features": text_source,
         "notes": notes,
         "reasons": reasons,
+        "ablation": ablation,
         "seconds": {"tune": round(t_fit - t_tune, 1), "reasons": round(t_reasons, 1),
                     "fit_and_eval": round(time.perf_counter() - t_fit - t_reasons, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
@@ -590,6 +593,8 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
         diffs = ", ".join(f"{d} {_ci(c)}" for d, c in h["differences"].items())
         out.append(f"- {name}: best CF = {h['best_cf']}; {models}" + (f"; differences: {diffs}" if diffs else ""))
     out += reasons_markdown(report.get("reasons") or {})
+    if report.get("ablation", {}).get("accuracy"):
+        out += [""] + ablation_markdown(report["ablation"])
     out += ["", "## Hyperparameters", "", f"Chosen by {report['tuning']['how']}:", ""]
     out += [f"- {m}: {json.dumps(p)}" for m, p in report["hyperparameters"].items()]
     out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -706,6 +711,9 @@ def write_report(directory: Path, report: dict) -> list[Path]:
     plots = [plot_recall_curves(report, directory / "recall_at_k.png"),
              plot_popularity_recall(report, directory / "recall_by_popularity.png"),
              plot_cold_start(report, directory / "cold_start.png")]
+    if report.get("ablation", {}).get("accuracy"):
+        plot_ablation(report["ablation"], directory / "ablation.png", _savefig)
+        plots.append(directory / "ablation.png")
     atomic_write_json(directory / "report.json", _jsonable(report))
     atomic_write_text(directory / "report.md", render_markdown(report, plots))
     return [directory / "report.json", directory / "report.md", *plots]

@@ -126,6 +126,7 @@ class TrainConfig:
     cf_weight: float = 1.0
     colisten_weight: float = 0.5
     temperature: float = 0.07
+    modality_dropout: float = 0.15  # stage 2: share of audio/cover rows shown as missing (train.collate)
     gradient_checkpointing: bool = False
     # Strategy: null = one process or DDP (whatever the launcher started); a DeepSpeed JSON config selects ZeRO
     # (train/configs/zero2.json, zero3.json, zero3_offload.json; their "auto" values are filled from this section).
@@ -156,6 +157,11 @@ class ServeConfig:
     hnsw_m: int = 32
     embed_batch: int = 32  # `llmrec serve --build-index`: songs per engine call
     cors_origins: list[str] = field(default_factory=list)  # empty = CORS off (no browser origin may call the API)
+    # vLLM engine (serve/engines/vllm.py). On the CPU backend `gpu_memory_utilization` is the share of the NUMA
+    # node's RAM vLLM reserves per engine (two engines: generate + pooling); vLLM's default 0.92 fails there.
+    vllm_memory_fraction: float = 0.2
+    vllm_kv_cache_gib: float = 0.0  # > 0: explicit KV-cache size per engine (overrides the fraction; no warm-up)
+    vllm_max_model_len: int = 0  # 0 = the LM's max_position_embeddings
 
 
 @dataclass

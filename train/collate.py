@@ -64,3 +64,14 @@ class MultimodalCollator:
         cover, cover_present = media_rows(self.features, cover_ids, "cover")
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
                 "media": MediaBatch(audio, audio_present, cover, cover_present)}
+
+
+def drop_modalities(media: MediaBatch, p: float, generator: torch.Generator) -> MediaBatch:
+    """Modality dropout: mark each audio/cover row missing with probability p (the projector then uses its learned
+    "missing" embedding). Without it that embedding is never trained on a catalog where every song has media, and
+    both real catalogs without audio/covers and the text-only ablation would see an untrained vector."""
+    if p <= 0:
+        return media
+    keep_audio = (torch.rand(media.audio_present.shape, generator=generator) >= p).to(media.audio_present.dtype)
+    keep_cover = (torch.rand(media.cover_present.shape, generator=generator) >= p).to(media.cover_present.dtype)
+    return MediaBatch(media.audio, media.audio_present * keep_audio, media.cover, media.cover_present * keep_cover)

@@ -27,7 +27,7 @@ from llmrec.model.losses import info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
-from train.collate import MultimodalCollator
+from train.collate import MultimodalCollator, drop_modalities
 from train.export import export_bundle
 from train.loop import StepSampler, fit
 
@@ -179,19 +179,22 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
     pair_sampler = StepSampler(len(pairs), cfg.train.batch_size, cfg.seed + 3)
     t = cfg.train
 
-    def embed_songs(song_ids: list[str]) -> torch.Tensor:
+    def embed_songs(song_ids: list[str], gen: torch.Generator) -> torch.Tensor:
         batch = collate([{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s]} for s in song_ids])
-        return model.embed(batch["input_ids"], batch["attention_mask"], batch["media"])
+        media = drop_modalities(batch["media"], t.modality_dropout, gen)
+        return model.embed(batch["input_ids"], batch["attention_mask"], media)
 
     def loss_fn(step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a pure function of step: exact resume
         batch = collate([reasons[i] for i in lm_sampler.indices(step)])
-        loss = t.lm_weight * model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss
+        media = drop_modalities(batch["media"], t.modality_dropout, gen)
+        loss = t.lm_weight * model(batch["input_ids"], batch["attention_mask"], batch["labels"], media).loss
         rows = [pairs[i] for i in pair_sampler.indices(step)]
-        emb = embed_songs([r["song_id"] for r in rows])
+        emb = embed_songs([r["song_id"] for r in rows], gen)
         cf = torch.tensor([r["cf_factor"] for r in rows], dtype=emb.dtype)
         loss = loss + t.cf_weight * info_nce(model.id_head(emb), cf, t.temperature)
         if t.colisten_weight:
-            loss = loss + t.colisten_weight * info_nce(emb, embed_songs([r["pos_song_id"] for r in rows]),
+            loss = loss + t.colisten_weight * info_nce(emb, embed_songs([r["pos_song_id"] for r in rows], gen),
                                                        t.temperature)
         return loss
 
@@ -202,15 +205,27 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
 
 # -------------------------------------------------------------------------------------------------- export
 
+# Modality ablations exported next to the full embeddings (evaluated as `llmrec-<variant>`): the same trained model
+# with the named modalities shown as missing, i.e. what each modality adds to the embedding.
+ABLATIONS = {"text": ("audio", "cover"), "text+audio": ("cover",), "text+cover": ("audio",)}
+
+
 @torch.no_grad()
-def song_embeddings(model: MultimodalLM, collate, prompts: dict[str, str], batch_size: int = 32):
+def song_embeddings(model: MultimodalLM, collate, prompts: dict[str, str], batch_size: int = 32,
+                    drop: tuple[str, ...] = ()):
+    """Embeddings of every song in `prompts`; modalities named in `drop` are shown as missing."""
     model.eval()
     ids = list(prompts)
     out = []
     for i in range(0, len(ids), batch_size):
         chunk = ids[i : i + batch_size]
         batch = collate([{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s]} for s in chunk])
-        out.append(model.embed(batch["input_ids"], batch["attention_mask"], batch["media"]))
+        media = batch["media"]
+        if "audio" in drop:
+            media.audio_present = torch.zeros_like(media.audio_present)
+        if "cover" in drop:
+            media.cover_present = torch.zeros_like(media.cover_present)
+        out.append(model.embed(batch["input_ids"], batch["attention_mask"], media))
     return ids, torch.cat(out)
 
 
@@ -249,6 +264,9 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)
     ids, emb = song_embeddings(model, collate, prompts)
     save_embeddings(run.model / EMBEDDINGS, ids, emb)
+    for variant, drop in ABLATIONS.items():
+        save_embeddings(run.model / f"embeddings-{variant}.safetensors", *song_embeddings(model, collate, prompts,
+                                                                                          drop=drop))
     bundle_hash = export_bundle(model, run.model / "bundle", {"preset": cfg.preset, "backbone": cfg.model.backbone})
     summary = {"stage1_loss": [round(float(np.mean(s1[:5])), 3), round(float(np.mean(s1[-5:])), 3)],
                "stage2_loss": [round(float(np.mean(s2[:5])), 3), round(float(np.mean(s2[-5:])), 3)]}

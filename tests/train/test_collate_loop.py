@@ -104,3 +104,20 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
         fit(model, model.parameters(), loss_fn, steps=6, lr=0.01, warmup_ratio=0.0, ckpt_dir=tmp_path,
             save_every=2, accelerator=Accelerator(cpu=True), desc="nan", progress=False)
     assert (tmp_path / "last" / "progress.json").is_file()
+
+
+def test_modality_dropout_marks_rows_missing_reproducibly():
+    from llmrec.model.mm_lm import MediaBatch
+    from train.collate import drop_modalities
+
+    media = MediaBatch(torch.randn(400, 1, 2, 3), torch.ones(400), torch.randn(400, 1, 2, 3), torch.ones(400))
+    assert drop_modalities(media, 0.0, torch.Generator().manual_seed(0)) is media
+    a = drop_modalities(media, 0.25, torch.Generator().manual_seed(7))
+    b = drop_modalities(media, 0.25, torch.Generator().manual_seed(7))
+    assert torch.equal(a.audio_present, b.audio_present) and torch.equal(a.cover_present, b.cover_present)
+    assert 0.15 < 1 - a.audio_present.mean().item() < 0.35 and 0.15 < 1 - a.cover_present.mean().item() < 0.35
+    assert not torch.equal(a.audio_present, a.cover_present)  # modalities drop independently
+    assert a.audio is media.audio  # features untouched; only presence changes
+    assert drop_modalities(media, 1.0, torch.Generator()).audio_present.sum() == 0
+    missing = MediaBatch(media.audio, torch.zeros(400), media.cover, torch.zeros(400))
+    assert drop_modalities(missing, 0.5, torch.Generator()).audio_present.sum() == 0  # missing stays missing

@@ -70,6 +70,20 @@ def test_bundle_reloads_with_identical_embeddings(trained):
     torch.testing.assert_close(emb, saved, atol=1e-5, rtol=1e-4)
 
 
+def test_modality_ablation_embeddings_differ_from_the_full_model(trained):
+    _, run, _ = trained
+    from train.stages import ABLATIONS
+
+    with safe_open(str(run.model / "embeddings.safetensors"), "pt") as f:
+        full = f.get_tensor("embeddings")
+    for variant in ABLATIONS:
+        with safe_open(str(run.model / f"embeddings-{variant}.safetensors"), "pt") as f:
+            ablated = f.get_tensor("embeddings")
+        assert ablated.shape == full.shape
+        torch.testing.assert_close(ablated.norm(dim=-1), torch.ones(len(full)))
+        assert (ablated - full).abs().max() > 1e-3, variant  # hiding a modality changes the embedding
+
+
 def test_rerun_skips_finished_stages(trained):
     cfg, run, _ = trained
     stamp = (run.model / "stage0" / "model.safetensors").stat().st_mtime_ns
