@@ -113,3 +113,51 @@ def reason_inputs():
         items.append(EngineInput(prompt.text, random_media(len(prompt.audio_song_ids), len(prompt.cover_song_ids),
                                                            seed=100 + i)))
     return items
+
+
+def write_random_features(features_dir, song_ids: list[str], cfg: MMConfig = TINY_MM, shard_size: int = 64,
+                          seed: int = 0) -> None:
+    """Feature shards + manifest in the format `llmrec.features.load_media_features` reads (every 7th song without
+    audio, every 11th without a cover), without running the encoders."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    features_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    ids = sorted(song_ids)
+    shards = {}
+    for n, start in enumerate(range(0, len(ids), shard_size)):
+        chunk = ids[start : start + shard_size]
+        idx = torch.arange(start, start + len(chunk))
+        tensors = {
+            "audio": torch.randn(len(chunk), cfg.audio_layers, cfg.audio_tokens, cfg.audio_dim, generator=g),
+            "audio_present": (idx % 7 != 0).to(torch.uint8),
+            "cover": torch.randn(len(chunk), cfg.cover_layers, cfg.cover_tokens, cfg.cover_dim, generator=g),
+            "cover_present": (idx % 11 != 0).to(torch.uint8),
+        }
+        name = f"shard-{n:05d}.safetensors"
+        save_file(tensors, str(features_dir / name), metadata={"song_ids": json.dumps(chunk)})
+        shards[name] = {"index": n, "song_ids_sha": hashlib.sha256(json.dumps(chunk).encode()).hexdigest()}
+    (features_dir / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory, synthetic_catalog, tiny_bundle, quick_config):
+    """A run directory the server can serve: the quick synthetic catalog (linked), random features for every song,
+    the tiny bundle (linked) as model/bundle, and the resolved config. No index yet (tests build it)."""
+    import copy
+
+    from llmrec.io import open_run_dir
+
+    run = open_run_dir(tmp_path_factory.mktemp("runs") / "serve-test")
+    run.catalog.symlink_to(synthetic_catalog.root.resolve(), target_is_directory=True)
+    run.model.mkdir()
+    (run.model / "bundle").symlink_to(tiny_bundle.resolve(), target_is_directory=True)
+    write_random_features(run.features, list(synthetic_catalog.songs["song_id"]))
+    cfg = copy.deepcopy(quick_config)
+    cfg.name = "serve-test"
+    cfg.serve.engine = "hf"
+    cfg.save(run.config)
+    return cfg, run

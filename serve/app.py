@@ -1,0 +1,584 @@
+"""`llmrec serve`: the HTTP app (FastAPI + uvicorn) in front of one engine and the song index.
+
+Endpoints
+- `POST /v1/embeddings`: OpenAI-shaped. `input` is a catalog song id, a new song (metadata, lyrics, comments and
+  optional `audio`/`cover` as base64 or paths under `serve.media_roots`), or a list of those; multipart requests
+  carry a new song as the form field `input` (JSON) plus `audio` / `cover` file parts. `neighbours: k` adds the k
+  nearest catalog songs to each embedding (the cold-start use: where does a brand-new song land?).
+- `POST /v1/recommendations`: `user_id` or `history` (recent song ids, most recent first) -> top-k songs from the
+  index (seen songs excluded unless `exclude_seen: false`), each with a generated reason.
+- `POST /v1/explanations`: `user_id` or `history` + `song_id` -> a reason.
+- `GET /health`, `GET /metrics` (Prometheus text).
+
+Hostile input is normal: every client mistake is a 4xx JSON `{"error": {"message", "type", "field"}}` that names
+the field; the server keeps serving. Limits: body size (413), items per request and text length (422), upload
+type (415) and size (413), queue length (503 + Retry-After), request time (504). Text passes through the
+sanitiser; file paths must lie inside `serve.media_roots`; optional bearer token (`serve.api_key` or env
+`LLMREC_API_KEY`); CORS off unless `serve.cors_origins` is set; binds 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from llmrec.config import Config
+from llmrec.io import RunDir
+from llmrec.model.mm_lm import expand_placeholders
+from serve.batching import BatchedEngine, Overloaded, RequestTimeout
+from serve.engines.base import Engine
+from serve.index import SongIndex, load_index
+from serve.inputs import MediaCodec, RequestError, SongInputs, SongMedia, resolve_media_path
+from serve.metrics import Metrics
+
+log = logging.getLogger("llmrec.serve")
+API_KEY_ENV = "LLMREC_API_KEY"
+HISTORY_FOR_QUERY = 50  # most recent distinct plays averaged into a listener's query vector
+OPEN_PATHS = {"/health"}  # answered without a token (load balancer probes)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+@dataclass
+class ServerState:
+    cfg: Config
+    run: RunDir
+    engine: Engine
+    batched: BatchedEngine
+    inputs: SongInputs
+    index: SongIndex
+    codec: MediaCodec
+    model_name: str
+    metrics: Metrics = field(default_factory=Metrics)
+    api_key: str | None = None
+
+
+def bundle_dir(run: RunDir) -> Path:
+    return run.require(run.model / "bundle", "train")
+
+
+def user_histories(catalog) -> dict[str, list[str]]:
+    """user id -> distinct song ids, most recent first (skips are not taste; every user of the log is known)."""
+    inter = catalog.interactions
+    if "event" in inter.columns:
+        inter = inter[inter["event"].fillna("play") != "skip"]
+    inter = inter.sort_values("timestamp", ascending=False, kind="stable")
+    out: dict[str, list[str]] = {str(u): [] for u in catalog.users["user_id"]}
+    for user, group in inter.groupby("user_id", sort=False):
+        out[str(user)] = list(dict.fromkeys(group["song_id"].astype(str)))
+    return out
+
+
+def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: SongIndex | None = None
+               ) -> ServerState:
+    """Everything the app serves from a run directory. A stale index is refused here, before binding a port."""
+    from transformers import AutoTokenizer
+
+    from llmrec.features import load_media_features
+    from llmrec.model.bundle import read_bundle_meta
+    from llmrec.model.mm_lm import read_mm_config
+    from llmrec.schema import load_catalog
+    from serve.engines import load_engine
+
+    bdir = bundle_dir(run)
+    meta = read_bundle_meta(bdir)
+    engine = engine or load_engine(bdir, cfg.serve)
+    index = index or load_index(run.index, engine.bundle_hash)
+    catalog = load_catalog(run.require(run.catalog, "prepare"))
+    features = load_media_features(run.require(run.features, "features"))
+    tokenizer = AutoTokenizer.from_pretrained(bdir / meta["lm"])
+    inputs = SongInputs(cfg, tokenizer, read_mm_config(bdir), catalog.songs.to_dict("records"), features,
+                        user_histories(catalog))
+    for sid, row in index.added.items():  # songs added after the build (their media rows are not kept)
+        inputs.add_song(sid, row, inputs.empty_media())
+    s = cfg.serve
+    batched = BatchedEngine(engine, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
+                            timeout_s=s.request_timeout_s)
+    return ServerState(cfg, run, engine, batched, inputs, index, MediaCodec(cfg, run.features / "encoders"),
+                       model_name=f"llmrec-{cfg.name}-{engine.bundle_hash[:12]}",
+                       api_key=s.api_key or os.environ.get(API_KEY_ENV) or None)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+            503: "overloaded_error", 504: "timeout_error"}.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "field": field}}, status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes with 413, from Content-Length or while streaming
+    (a chunked upload without a length is cut off as soon as it passes the limit)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = error(413, f"request body over {self.limit} bytes (serve.max_body_bytes)")
+        try:
+            if length is not None and int(length) > self.limit:
+                return await too_big(scope, receive, send)
+        except ValueError:
+            return await error(400, "invalid Content-Length header")(scope, receive, send)
+        seen, responded = 0, False
+
+        async def limited():
+            nonlocal seen, responded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit and not responded:
+                    responded = True
+                    await too_big(scope, receive, send)
+                    raise _BodyTooLarge()
+            return message
+
+        async def send_unless_answered(message):
+            if not responded:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, send_unless_answered)
+        except Exception as e:  # noqa: BLE001
+            if not (responded and body_too_large(e)):
+                raise
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def body_too_large(e: BaseException) -> bool:
+    """True for the BodyLimit signal, also when a task group wrapped it (Starlette's BaseHTTPMiddleware does)."""
+    if isinstance(e, BaseExceptionGroup):
+        return e.subgroup(_BodyTooLarge) is not None
+    return isinstance(e, _BodyTooLarge)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+async def read_json(request: Request) -> dict:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError("body", f"malformed JSON ({e})", 400) from None
+    if not isinstance(data, dict):
+        raise RequestError("body", "expected a JSON object")
+    return data
+
+
+def int_field(data: dict, name: str, default: int, lo: int, hi: int) -> int:
+    value = data.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise RequestError(name, f"expected an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def bool_field(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(name, f"expected true or false, got {value!r}")
+    return value
+
+
+def decode_base64(value: Any, field: str, limit: int) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(field, "expected base64 text")
+    if len(value) > limit * 4 // 3 + 8:
+        raise RequestError(field, f"upload over {limit} bytes (serve.max_upload_bytes)", 413)
+    try:
+        return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "not valid base64") from None
+
+
+def song_ids_field(state: ServerState, data: dict) -> tuple[list[str], str | None]:
+    """(history, user id) from `user_id` or `history`; unknown ids and empty histories are refused."""
+    if ("user_id" in data) == ("history" in data):
+        raise RequestError("user_id", "give exactly one of `user_id` or `history` (recent song ids)")
+    if "user_id" in data:
+        user = data["user_id"]
+        history = state.inputs.history(user)
+        if not history:
+            raise RequestError("user_id", f"user {user!r} has no plays yet: give a `history` instead")
+        return history, user
+    history = data["history"]
+    if not isinstance(history, list) or not history:
+        raise RequestError("history", "expected a non-empty list of song ids (most recent first)")
+    if len(history) > state.cfg.serve.max_batch:
+        raise RequestError("history", f"{len(history)} songs; at most {state.cfg.serve.max_batch} are allowed")
+    for i, sid in enumerate(history):
+        state.inputs.song(sid, f"history[{i}]")
+        if sid not in state.index.position:
+            raise RequestError(f"history[{i}]", f"song {sid!r} is not in the index", 404)
+    return list(dict.fromkeys(history)), None
+
+
+# ------------------------------------------------------------------------------------------------ new songs
+
+@dataclass
+class NewSong:
+    row: dict
+    audio: bytes | Path | None = None
+    cover: bytes | Path | None = None
+
+
+def parse_new_song(state: ServerState, data: dict, field: str, files: dict | None = None) -> NewSong:
+    data = dict(data)
+    limit = state.cfg.serve.max_upload_bytes
+    media: dict[str, bytes | Path | None] = {}
+    for kind in ("audio", "cover"):
+        raw, path = data.pop(kind, None), data.pop(f"{kind}_path", None)
+        upload = (files or {}).get(kind)
+        given = [x is not None for x in (raw, path, upload)]
+        if sum(given) > 1:
+            raise RequestError(f"{field}.{kind}", f"give {kind} once: base64, a {kind}_path or a file part")
+        if raw is not None:
+            media[kind] = decode_base64(raw, f"{field}.{kind}", limit)
+        elif path is not None:
+            media[kind] = resolve_media_path(path, state.cfg.serve.media_roots, f"{field}.{kind}_path")
+        else:
+            media[kind] = upload
+        if isinstance(media[kind], bytes):
+            if len(media[kind]) > limit:
+                raise RequestError(f"{field}.{kind}", f"upload of {len(media[kind])} bytes; at most {limit} "
+                                                      f"(serve.max_upload_bytes)", 413)
+            if not media[kind]:
+                raise RequestError(f"{field}.{kind}", "empty upload")
+    return NewSong(state.inputs.new_song(data, field), media["audio"], media["cover"])
+
+
+def encode_new_song(state: ServerState, song: NewSong, field: str) -> SongMedia:
+    """Decode + encode the uploads with the run's frozen encoders (runs in a worker thread)."""
+    media = state.inputs.empty_media()
+    if song.audio is not None:
+        kw = {"path": song.audio} if isinstance(song.audio, Path) else {"data": song.audio}
+        media.audio, media.audio_present = state.codec.audio(field=f"{field}.audio", **kw), True
+    if song.cover is not None:
+        kw = {"path": song.cover} if isinstance(song.cover, Path) else {"data": song.cover}
+        media.cover, media.cover_present = state.codec.cover(field=f"{field}.cover", **kw), True
+    return media
+
+
+UPLOAD_TYPES = {"audio": ("audio/",), "cover": ("image/",)}
+
+
+async def read_multipart(state: ServerState, request: Request) -> tuple[dict, dict]:
+    limit = state.cfg.serve.max_upload_bytes
+    try:
+        form = await request.form(max_files=2, max_fields=8, max_part_size=limit + 1)
+    except Exception as e:  # noqa: BLE001 - python-multipart/starlette raise several types for broken bodies
+        raise RequestError("body", f"malformed multipart body ({e})", 400) from None
+    unknown = sorted(set(form.keys()) - {"input", "audio", "cover", "neighbours", "add_to_index"})
+    if unknown:
+        raise RequestError(unknown[0], "unknown form field; use input (JSON), audio, cover, neighbours")
+    try:
+        data = json.loads(form.get("input") or "")
+    except (json.JSONDecodeError, TypeError):
+        raise RequestError("input", "form field `input` must be a JSON object with the song's metadata") from None
+    files = {}
+    for kind in ("audio", "cover"):
+        part = form.get(kind)
+        if part is None:
+            continue
+        if isinstance(part, str):
+            raise RequestError(kind, "expected a file part")
+        ctype = (part.content_type or "application/octet-stream").lower()
+        if not ctype.startswith(UPLOAD_TYPES[kind]) and ctype != "application/octet-stream":
+            raise RequestError(kind, f"content type {ctype!r} is not accepted for {kind} "
+                                     f"(expected {UPLOAD_TYPES[kind][0]}*)", 415)
+        blob = await part.read(limit + 1)
+        if len(blob) > limit:
+            raise RequestError(kind, f"upload over {limit} bytes (serve.max_upload_bytes)", 413)
+        files[kind] = blob
+    body = {"input": data}
+    if "neighbours" in form:
+        try:
+            body["neighbours"] = int(form["neighbours"])
+        except ValueError:
+            raise RequestError("neighbours", "expected an integer") from None
+    if "add_to_index" in form:
+        body["add_to_index"] = str(form["add_to_index"]).lower() in ("1", "true", "yes")
+    return body, files
+
+
+# ------------------------------------------------------------------------------------------------ endpoints
+
+def song_card(state: ServerState, sid: str, score: float) -> dict:
+    row = state.inputs.songs.get(sid, {})
+    return {"song_id": sid, "score": round(score, 6), "title": row.get("title"), "artist": row.get("artist")}
+
+
+async def embeddings(state: ServerState, request: Request) -> dict:
+    files = None
+    if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        data, files = await read_multipart(state, request)
+    else:
+        data = await read_json(request)
+    raw = data.get("input")
+    many = isinstance(raw, list)
+    items = raw if many else [raw]
+    if raw is None or not items:
+        raise RequestError("input", "expected a song id, a new song object, or a non-empty list of them")
+    if len(items) > state.cfg.serve.max_batch:
+        raise RequestError("input", f"{len(items)} items; at most {state.cfg.serve.max_batch} per request "
+                                    f"(serve.max_batch)")
+    if files and (many or not isinstance(raw, dict)):
+        raise RequestError("input", "file parts go with exactly one new song object")
+    fmt = data.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise RequestError("encoding_format", "expected 'float' or 'base64'")
+    k = int_field(data, "neighbours", 0, 0, state.cfg.serve.max_top_k)
+    add = bool_field(data, "add_to_index", False)
+    engine_items, new_rows = [], {}
+    for i, item in enumerate(items):
+        where = f"input[{i}]" if many else "input"
+        if isinstance(item, str):
+            engine_items.append(state.inputs.catalog_embed_input(item, where))
+        elif isinstance(item, dict):
+            song = parse_new_song(state, item, where, files)
+            media = await run_in_threadpool(encode_new_song, state, song, where)
+            engine_items.append(state.inputs.embed_input(song.row, media))
+            new_rows[i] = (song.row, media)
+        else:
+            raise RequestError(where, "expected a song id (string) or a new song (object)")
+    if add:
+        for i, (row, _) in new_rows.items():
+            sid = row.get("song_id")
+            if not sid or sid in state.index.position or sid in state.inputs.songs:
+                raise RequestError(f"input[{i}].song_id" if many else "input.song_id",
+                                   "add_to_index needs a new, unused song_id", 409 if sid else 422)
+    emb = await state.batched.embed(engine_items)
+    if add and new_rows:
+        await run_in_threadpool(add_songs, state, [(new_rows[i], emb[i]) for i in sorted(new_rows)])
+    hits = state.index.search(emb, k) if k else None
+    data_out = []
+    for i, vec in enumerate(emb):
+        entry: dict[str, Any] = {"object": "embedding", "index": i}
+        entry["embedding"] = base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64" \
+            else [float(x) for x in vec]
+        if hits is not None:
+            entry["neighbours"] = [song_card(state, s, sc) for s, sc in hits[i]]
+        data_out.append(entry)
+    tokens = sum(prompt_tokens(state, it.prompt) for it in engine_items)
+    return {"object": "list", "data": data_out, "model": state.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def prompt_tokens(state: ServerState, prompt: str) -> int:
+    mm = state.inputs.mm
+    return 1 + len(state.inputs.tokenizer(expand_placeholders(prompt, mm.audio_tokens, mm.cover_tokens),
+                                          add_special_tokens=False).input_ids)
+
+
+def add_songs(state: ServerState, rows: list[tuple[tuple[dict, SongMedia], np.ndarray]]) -> None:
+    """Add new songs to the live index and persist it (atomic directory swap); no rebuild."""
+    ids = [row["song_id"] for (row, _), _ in rows]
+    meta = [{k: v for k, v in row.items() if k not in ("audio_path", "cover_path")} for (row, _), _ in rows]
+    state.index.add(np.stack([e for _, e in rows]), ids, meta)
+    for ((row, media), _), sid in zip(rows, ids):
+        state.inputs.add_song(sid, row, media)
+    state.index.save(state.run.index)
+
+
+async def reasons_for(state: ServerState, history: list[str], song_ids: list[str], max_new_tokens: int) -> list[str]:
+    shown = history[: state.cfg.prompt.history_len]
+    items = [state.inputs.reason_input(shown, sid) for sid in song_ids]
+    return await state.batched.generate(items, max_new_tokens)
+
+
+async def recommendations(state: ServerState, request: Request) -> dict:
+    data = await read_json(request)
+    history, user = song_ids_field(state, data)
+    k = int_field(data, "k", 10, 1, state.cfg.serve.max_top_k)
+    exclude_seen = bool_field(data, "exclude_seen", True)
+    with_reasons = bool_field(data, "reasons", True)
+    n_tokens = int_field(data, "max_new_tokens", state.cfg.serve.max_new_tokens, 1, state.cfg.serve.max_new_tokens)
+    known = [s for s in history if s in state.index.position][:HISTORY_FOR_QUERY]
+    if not known:
+        raise RequestError("user_id", f"none of user {user!r}'s songs are in the index")
+    query = state.index.vectors(known).mean(0, keepdims=True)
+    query /= max(float(np.linalg.norm(query)), 1e-12)
+    seen = set(history) if exclude_seen else set()
+    hits = state.index.search(query, k, [seen])[0]
+    reasons = await reasons_for(state, history, [s for s, _ in hits], n_tokens) if with_reasons and hits else []
+    items = [{"rank": r + 1, **song_card(state, s, sc), **({"reason": reasons[r]} if reasons else {})}
+             for r, (s, sc) in enumerate(hits)]
+    return {"object": "list", "data": items, "user_id": user, "history_used": history[: state.cfg.prompt.history_len],
+            "model": state.model_name}
+
+
+async def explanations(state: ServerState, request: Request) -> dict:
+    data = await read_json(request)
+    history, user = song_ids_field(state, data)
+    sid = data.get("song_id")
+    state.inputs.song(sid, "song_id")
+    n_tokens = int_field(data, "max_new_tokens", state.cfg.serve.max_new_tokens, 1, state.cfg.serve.max_new_tokens)
+    reason = (await reasons_for(state, history, [sid], n_tokens))[0]
+    return {"object": "explanation", "song_id": sid, "user_id": user, "reason": reason, "model": state.model_name}
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.batched.close()
+
+    app = FastAPI(title="llmrec", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.llmrec = state
+    m = state.metrics
+    m.gauge("llmrec_queue_items", "Items waiting for the engine.", state.batched.queued)
+    m.gauge("llmrec_index_songs", "Songs in the ANN index.", lambda: len(state.index))
+    m.gauge("llmrec_engine_batches_total", "Engine calls by operation.",
+            lambda: {(("op", op),): s["batches"] for op, s in state.batched.stats().items()})
+    m.gauge("llmrec_engine_items_total", "Items computed by operation.",
+            lambda: {(("op", op),): s["items"] for op, s in state.batched.stats().items()})
+    m.gauge("llmrec_overloaded_total", "Requests refused with 503 (queue full).",
+            lambda: sum(s["overloaded"] for s in state.batched.stats().values()))
+    m.gauge("llmrec_timeouts_total", "Requests answered with 504.",
+            lambda: sum(s["timeouts"] for s in state.batched.stats().values()))
+    m.gauge("llmrec_sanitizer_repairs_total", "Repairs made by the text sanitiser on request text, by kind.",
+            lambda: {(("kind", k),): v for k, v in state.inputs.stats.items()})
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        t0 = time.perf_counter()
+        path = request.url.path
+        if state.api_key and path not in OPEN_PATHS:
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not secrets.compare_digest(token.encode(), state.api_key.encode()):
+                response = error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                m.observe(path, 401, time.perf_counter() - t0)
+                return response
+        try:
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001 - the server keeps serving whatever one request does
+            if body_too_large(e):
+                raise  # already answered with 413 by BodyLimit
+            log.exception("unhandled error on %s", path)
+            response = error(500, "internal error; see the server log")
+        m.observe(path if path in ROUTES else "other", response.status_code, time.perf_counter() - t0)
+        return response
+
+    def endpoint(fn):
+        async def handler(request: Request):
+            try:
+                return await fn(state, request)
+            except RequestError as e:
+                return error(e.status, str(e), e.field)
+            except Overloaded as e:
+                return error(503, str(e), headers={"Retry-After": "1"})
+            except RequestTimeout as e:
+                return error(504, str(e))
+            except ValueError as e:  # an input the engine cannot take (e.g. a prompt over the context)
+                return error(422, str(e))
+        return handler
+
+    for path, fn in (("/v1/embeddings", embeddings), ("/v1/recommendations", recommendations),
+                     ("/v1/explanations", explanations)):
+        app.add_api_route(path, endpoint(fn), methods=["POST"])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engine": state.engine.name, "model": state.model_name,
+                "bundle_hash": state.engine.bundle_hash, "index": {"songs": len(state.index), "kind": state.index.kind},
+                "queued": state.batched.queued()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
+
+    if state.cfg.serve.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=state.cfg.serve.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimit, limit=state.cfg.serve.max_body_bytes)
+    return app
+
+
+ROUTES = {"/v1/embeddings", "/v1/recommendations", "/v1/explanations", "/health", "/metrics"}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress: bool = True) -> SongIndex:
+    """Embed the whole catalogue in batches with the serving engine and write runs/<name>/index/ atomically."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from llmrec.features import load_media_features
+    from llmrec.model.bundle import read_bundle_meta
+    from llmrec.model.mm_lm import read_mm_config
+    from llmrec.schema import load_catalog
+    from serve.engines import load_engine
+
+    bdir = bundle_dir(run)
+    engine = engine or load_engine(bdir, cfg.serve)
+    catalog = load_catalog(run.require(run.catalog, "prepare"))
+    features = load_media_features(run.require(run.features, "features"))
+    tokenizer = AutoTokenizer.from_pretrained(bdir / read_bundle_meta(bdir)["lm"])
+    inputs = SongInputs(cfg, tokenizer, read_mm_config(bdir), catalog.songs.to_dict("records"), features)
+    ids = sorted(inputs.songs)
+    rows = []
+    for i in tqdm(range(0, len(ids), cfg.serve.embed_batch), desc="embedding the catalogue", disable=not progress):
+        chunk = ids[i : i + cfg.serve.embed_batch]
+        rows.append(engine.embed([inputs.catalog_embed_input(s, s) for s in chunk]))
+    s = cfg.serve
+    index = SongIndex.build(np.concatenate(rows), ids, engine.bundle_hash, s.index, nlist=s.ivf_nlist,
+                            nprobe=s.ivf_nprobe, hnsw_m=s.hnsw_m)
+    index.save(run.index)
+    return index
+
+
+def serve_engine_name(cfg: Config, demo: bool) -> str:
+    """The demo stays fast: the transformers engine unless the config asks for vLLM by name."""
+    return "hf" if demo and cfg.serve.engine == "auto" else cfg.serve.engine
+
+
+def run_serve(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict:
+    import uvicorn
+
+    progress = not getattr(args, "no_progress", False)
+    if getattr(args, "host", None):
+        cfg.serve.host = args.host
+    if getattr(args, "port", None):
+        cfg.serve.port = args.port
+    demo = bool(getattr(args, "demo", False))
+    cfg.serve.engine = serve_engine_name(cfg, demo)
+    if getattr(args, "build_index", False):
+        index = build_index(cfg, run, progress=progress)
+        return {"index": f"{run.index} ({len(index)} songs, {index.kind}, bundle {index.bundle_hash[:12]})"}
+    if demo:
+        from serve.demo import run_demo
+
+        return run_demo(cfg, run, progress)
+    state = load_state(cfg, run)
+    print(f"llmrec serve: {state.engine.name} engine, {len(state.index)} songs indexed, "
+          f"http://{cfg.serve.host}:{cfg.serve.port} (auth {'on' if state.api_key else 'off'})")
+    uvicorn.run(create_app(state), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    state.engine.close()
+    return {"served": f"http://{cfg.serve.host}:{cfg.serve.port}"}

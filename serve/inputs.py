@@ -1,0 +1,245 @@
+"""Turning requests into engine rows: catalog song ids, new songs (metadata + uploads) and histories -> EngineInput.
+
+Prompts are built exactly as training built them (`train.stages.item_prompts` for song embeddings, the stage-2
+prompt for reasons) and every text field passes through `llmrec.text`'s sanitiser on the way (the builders call
+`sanitize_song`). Media rows for catalog songs come from the run's feature shards; an uploaded or referenced file
+is decoded with `data_prep.audio` / `data_prep.image` and encoded with the run's frozen encoders, exactly as
+`data_prep.extract` does for the catalogue.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from data_prep.audio import MediaError, load_audio
+from data_prep.image import load_image
+from llmrec.config import Config
+from llmrec.model.mm_lm import MediaBatch, MMConfig
+from llmrec.text import build_embed_prompt, build_stage2_prompt, sanitize_text
+from serve.engines.base import EngineInput
+from train.collate import media_rows
+
+SONG_TEXT_FIELDS = ("title", "artist", "album", "language", "release_date", "lyrics")
+SONG_LIST_FIELDS = ("genres", "tags", "comments")
+
+
+class RequestError(ValueError):
+    """A client error: `field` names the offending part of the request, `status` is the HTTP code."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        self.field, self.status = field, status
+        super().__init__(f"{field}: {message}")
+
+
+def embed_prompt(song: Mapping[str, Any], tokenizer, mm_cfg: MMConfig, max_length: int, budget: int) -> str:
+    """One song's embedding prompt, identical to `train.stages.item_prompts` (asserted by the tests; not imported
+    from there because `train.stages` pulls the whole training stack into the server): both placeholders always
+    present, sized with the real tokenizer to at most `budget` tokens (cfg.prompt.song_budget) and to fit
+    `max_length` after each placeholder expands to K tokens."""
+    expansion = 2 * (mm_cfg.audio_tokens + mm_cfg.cover_tokens) + 2
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    return build_embed_prompt(song, media=lambda s: (True, True), count_tokens=count,
+                              budget=min(budget, max_length - expansion)).text
+
+
+# ------------------------------------------------------------------------------------------------ media
+
+def resolve_media_path(path: str, roots: Sequence[str], field: str) -> Path:
+    """A client-named file, allowed only inside one of `serve.media_roots` (after resolving `..` and symlinks)."""
+    if not roots:
+        raise RequestError(field, "file paths are not accepted by this server (serve.media_roots is empty); "
+                                  "upload the file instead", 403)
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise RequestError(field, "expected a file path")
+    for root in roots:
+        base = Path(root).resolve()
+        candidate = (base / path).resolve()  # an absolute `path` replaces `base` and is checked the same way
+        if candidate.is_relative_to(base):
+            if not candidate.is_file():
+                raise RequestError(field, f"file {path!r} not found under the media roots", 404)
+            return candidate
+    raise RequestError(field, f"path {path!r} is outside the allowed media roots", 403)
+
+
+class MediaCodec:
+    """Uploads/paths -> feature rows [L, K, D] with the run's frozen encoders (loaded on first use)."""
+
+    def __init__(self, cfg: Config, encoders_dir: str | os.PathLike | None):
+        self.cfg, self.encoders_dir = cfg, encoders_dir
+        self._encoder = None
+        self._lock = threading.Lock()  # the encoders are shared by request threads
+
+    @property
+    def encoder(self):
+        with self._lock:
+            if self._encoder is None:
+                from llmrec.model.encoders import MediaEncoder
+
+                self._encoder = MediaEncoder.load(self.cfg.model, self.encoders_dir, seed=self.cfg.seed)
+            return self._encoder
+
+    def _file(self, data: bytes | None, path: Path | None, suffix: str):
+        if path is not None:
+            return path, None
+        tmp = tempfile.NamedTemporaryFile(prefix="llmrec-upload-", suffix=suffix, delete=False)
+        with tmp:
+            tmp.write(data)
+        return Path(tmp.name), tmp.name
+
+    def audio(self, data: bytes | None = None, path: Path | None = None, field: str = "audio") -> torch.Tensor:
+        enc = self.encoder
+        file, cleanup = self._file(data, path, ".audio")
+        try:
+            wave = load_audio(file, enc.audio_cfg.sample_rate, windows=enc.audio_cfg.windows,
+                              window_seconds=enc.audio_cfg.window_seconds,
+                              max_seconds=self.cfg.features.max_audio_seconds)
+            with self._lock:
+                return enc.encode_audio(wave)
+        except MediaError as e:
+            raise RequestError(field, f"not usable audio ({e.reason})") from None
+        finally:
+            if cleanup:
+                os.unlink(cleanup)
+
+    def cover(self, data: bytes | None = None, path: Path | None = None, field: str = "cover") -> torch.Tensor:
+        enc = self.encoder
+        file, cleanup = self._file(data, path, ".image")
+        try:
+            img = load_image(file, max_pixels=self.cfg.features.max_image_pixels)
+            with self._lock:
+                return enc.encode_image(img)
+        except MediaError as e:
+            raise RequestError(field, f"not a usable image ({e.reason})") from None
+        finally:
+            if cleanup:
+                os.unlink(cleanup)
+
+
+# ------------------------------------------------------------------------------------------------ songs
+
+@dataclass
+class SongMedia:
+    """One song's feature rows (or zeros + absent)."""
+
+    audio: torch.Tensor  # [L, K, D]
+    audio_present: bool
+    cover: torch.Tensor  # [1, K, D]
+    cover_present: bool
+
+
+def media_batch(rows: Sequence[SongMedia], audio_of: Sequence[int], cover_of: Sequence[int], mm: MMConfig
+                ) -> MediaBatch:
+    """A MediaBatch whose audio rows are rows[i] for i in audio_of, cover rows rows[j] for j in cover_of."""
+    def stack(idx, name, shape):
+        return torch.stack([getattr(rows[i], name) for i in idx]).float() if idx else torch.zeros((0, *shape))
+    return MediaBatch(
+        stack(audio_of, "audio", (mm.audio_layers, mm.audio_tokens, mm.audio_dim)),
+        torch.tensor([float(rows[i].audio_present) for i in audio_of]),
+        stack(cover_of, "cover", (mm.cover_layers, mm.cover_tokens, mm.cover_dim)),
+        torch.tensor([float(rows[i].cover_present) for i in cover_of]),
+    )
+
+
+class SongInputs:
+    """The catalogue as the server sees it: song rows, media feature rows, listening histories, added songs."""
+
+    def __init__(self, cfg: Config, tokenizer, mm_cfg: MMConfig, songs: Sequence[Mapping[str, Any]], features,
+                 histories: Mapping[str, list[str]] | None = None):
+        self.cfg, self.tokenizer, self.mm = cfg, tokenizer, mm_cfg
+        self.songs: dict[str, dict] = {str(s["song_id"]): dict(s) for s in songs}
+        self.features = features
+        self.histories = dict(histories or {})  # user id -> song ids, most recent first (distinct)
+        self.added_media: dict[str, SongMedia] = {}
+        self.stats: Counter = Counter()  # sanitiser repairs over all requests (exported by /metrics)
+
+    # ------------------------------------------------------------------ lookups
+    def song(self, song_id: Any, field: str) -> dict:
+        if not isinstance(song_id, str) or song_id not in self.songs:
+            raise RequestError(field, f"unknown song id {song_id!r}", 404)
+        return self.songs[song_id]
+
+    def history(self, user_id: Any, field: str = "user_id") -> list[str]:
+        if not isinstance(user_id, str) or user_id not in self.histories:
+            raise RequestError(field, f"unknown user id {user_id!r}", 404)
+        return self.histories[user_id]
+
+    def media(self, song_id: str) -> SongMedia:
+        if song_id in self.added_media:
+            return self.added_media[song_id]
+        a, ap = media_rows(self.features, [song_id], "audio")
+        c, cp = media_rows(self.features, [song_id], "cover")
+        return SongMedia(a[0], bool(ap[0]), c[0], bool(cp[0]))
+
+    # ------------------------------------------------------------------ engine rows
+    def embed_input(self, song: Mapping[str, Any], media: SongMedia) -> EngineInput:
+        prompt = embed_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
+                              self.cfg.prompt.song_budget)
+        return EngineInput(prompt, media_batch([media], [0], [0], self.mm))
+
+    def catalog_embed_input(self, song_id: str, field: str) -> EngineInput:
+        return self.embed_input(self.song(song_id, field), self.media(song_id))
+
+    def reason_input(self, history_ids: Sequence[str], candidate_id: str) -> EngineInput:
+        """The stage-2 prompt (as `data_prep.examples` builds it) with its media rows in placeholder order."""
+        history = [self.songs[h] for h in history_ids]
+        prompt = build_stage2_prompt(history, self.songs[candidate_id], config=self.cfg.prompt, stats=self.stats)
+        ids = list(dict.fromkeys(prompt.audio_song_ids + prompt.cover_song_ids))
+        rows = [self.media(s) for s in ids]
+        pos = {s: i for i, s in enumerate(ids)}
+        return EngineInput(prompt.text, media_batch(rows, [pos[s] for s in prompt.audio_song_ids],
+                                                    [pos[s] for s in prompt.cover_song_ids], self.mm))
+
+    # ------------------------------------------------------------------ new songs
+    def new_song(self, data: Mapping[str, Any], field: str) -> dict:
+        """A catalog-shaped row from a request's metadata: unknown fields refused, every text sanitised and capped
+        at serve.max_text_chars (the prompt builders cap each field further)."""
+        if not isinstance(data, Mapping):
+            raise RequestError(field, "expected an object with song metadata (title, artist, lyrics, ...)")
+        allowed = {"song_id", *SONG_TEXT_FIELDS, *SONG_LIST_FIELDS}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise RequestError(f"{field}.{unknown[0]}", f"unknown field; allowed: {sorted(allowed)}")
+        limit = self.cfg.serve.max_text_chars
+        row: dict[str, Any] = {}
+        for key in SONG_TEXT_FIELDS + ("song_id",):
+            value = data.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise RequestError(f"{field}.{key}", "expected a string")
+            if len(value) > limit:
+                raise RequestError(f"{field}.{key}", f"{len(value)} characters; at most {limit} are allowed "
+                                                     f"(serve.max_text_chars)")
+            row[key] = sanitize_text(value, limit, self.stats)
+        for key in SONG_LIST_FIELDS:
+            value = data.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RequestError(f"{field}.{key}", "expected a list of strings")
+            if len(value) > 64 or sum(len(v) for v in value) > limit:
+                raise RequestError(f"{field}.{key}", f"too long: at most 64 entries and {limit} characters in all")
+            row[key] = [sanitize_text(v, limit, self.stats) for v in value]
+        if not row.get("title"):
+            raise RequestError(f"{field}.title", "a new song needs a title")
+        row.setdefault("artist", "")
+        # The prompt marks both placeholders; the absent modality gets the learned "missing" embedding.
+        row["audio_path"] = row["cover_path"] = "upload"
+        return row
+
+    def add_song(self, song_id: str, row: dict, media: SongMedia) -> None:
+        """Make an added song usable as a recommendation candidate (prompt + media for its reason)."""
+        self.songs[song_id] = {**row, "song_id": song_id}
+        self.added_media[song_id] = media
+
+    def empty_media(self) -> SongMedia:
+        mm = self.mm
+        return SongMedia(torch.zeros(mm.audio_layers, mm.audio_tokens, mm.audio_dim), False,
+                         torch.zeros(mm.cover_layers, mm.cover_tokens, mm.cover_dim), False)
