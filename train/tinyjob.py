@@ -1,0 +1,167 @@
+"""A stage-2-shaped training job on a tiny random multimodal LM, for the multi-process tests and bench/train.py.
+
+Same pieces as `train.stages.stage2` (LoRA on the backbone + projectors + heads; answer-only LM loss + InfoNCE
+song<->CF + InfoNCE song<->co-listened) on seeded random media features, so that a whole DDP / ZeRO-2 / ZeRO-3
+run takes seconds on CPU:
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m train.tinyjob --strategy zero3 --out /tmp/job
+
+Writes to --out: adapter/ (PEFT), multimodal.safetensors (rank 0), outputs_rank{r}.safetensors (logits and song
+embeddings of every rank on a fixed batch after training), stats_rank{r}.json (losses, step times, tokens, RSS).
+`build` rebuilds the untrained model bit for bit, so a parent process can reload the saved weights and compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+STRATEGIES = {"single": None, "ddp": None, "zero2": "zero2.json", "zero3": "zero3.json",
+              "zero3_offload": "zero3_offload.json"}
+CONFIGS = Path(__file__).parent / "configs"
+GENRES = ["lo-fi", "jazz", "metal", "folk", "techno", "ambient", "soul", "punk"]
+
+
+@dataclass
+class Features:
+    """The `llmrec.features` shape (index, audio [N,L,K,D], presence, cover) with seeded random values."""
+
+    index: dict
+    audio: torch.Tensor
+    audio_present: torch.Tensor
+    cover: torch.Tensor
+    cover_present: torch.Tensor
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lora_r: int = 4, lora: bool = True):
+    """(model, collator, reason rows, song ids, cf factors) — deterministic for the arguments; `lora=False` gives
+    the bare model a saved adapter is loaded into."""
+    from llmrec.config import load_config
+    from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
+    from llmrec.model.mm_lm import MMConfig, MultimodalLM
+    from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
+    from train.collate import MultimodalCollator
+    from train.stages import add_lora
+
+    ids = [f"s{i}" for i in range(songs)]
+    reasons = [{"prompt": f"{AUDIO_TOKEN}{COVER_TOKEN} song {i} by artist {i % 5}. why?",
+                "answer": f"because you like {GENRES[i % len(GENRES)]} with a {GENRES[(i * 3) % 8]} mood",
+                "audio_song_ids": [s], "cover_song_ids": [s]} for i, s in enumerate(ids)]
+    tok = train_bpe_tokenizer([r["prompt"] + " " + r["answer"] for r in reasons] * 4, vocab_size=400)
+    cfg = load_config(overrides=[f"model.hidden_size={hidden}", f"model.num_layers={layers}",
+                                 f"model.num_heads={max(1, hidden // 16)}", f"model.intermediate_size={hidden * 2}",
+                                 f"model.lora_r={lora_r}", "model.lora_dropout=0.1"])
+    g = torch.Generator().manual_seed(seed)
+    feats = Features({s: i for i, s in enumerate(ids)}, torch.randn(songs, 2, 2, 16, generator=g),
+                     (torch.arange(songs) % 5 != 0).long(), torch.randn(songs, 1, 2, 16, generator=g),
+                     torch.ones(songs, dtype=torch.long))
+    cf = torch.randn(songs, 8, generator=g)
+    lm = build_tiny_llama(cfg.model, tok, seed=seed)
+    model = MultimodalLM(lm, tok, MMConfig("mlp2x_gelu", 2, 2, 16, 1, 2, 16, embedding_dim=16, cf_dim=8))
+    if not lora:
+        return model, MultimodalCollator(tok, feats, 2, 2, max_length=96), reasons, ids, cf
+    add_lora(model, cfg)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():  # stage 2's rule: LoRA + everything outside the backbone
+        if "lora_" in name or not name.startswith("lm."):
+            p.requires_grad_(True)
+    return model, MultimodalCollator(tok, feats, 2, 2, max_length=96), reasons, ids, cf
+
+
+def embed_rows(ids: list[str]) -> list[dict]:
+    from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN
+
+    return [{"prompt": f"{AUDIO_TOKEN}{COVER_TOKEN} song {s[1:]} {EMBED_TOKEN}", "audio_song_ids": [s],
+             "cover_song_ids": [s]} for s in ids]
+
+
+@torch.no_grad()
+def outputs(model, collate, reasons, ids) -> dict[str, torch.Tensor]:
+    """Logits and song embeddings on a fixed batch (eval mode: no dropout)."""
+    model.eval()
+    batch = collate(reasons[:4])
+    logits = model(batch["input_ids"], batch["attention_mask"], None, batch["media"]).logits
+    emb_batch = collate(embed_rows(ids[:6]))
+    emb = model.embed(emb_batch["input_ids"], emb_batch["attention_mask"], emb_batch["media"])
+    return {"logits": logits.float().contiguous(), "embeddings": emb.float().contiguous()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--strategy", choices=sorted(STRATEGIES), default="ddp")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (kill tests)")
+    args = ap.parse_args(argv)
+
+    from llmrec.config import TrainConfig
+    from llmrec.model.losses import info_nce
+    from train.distributed import build_accelerator
+    from train.loop import StepSampler, fit
+
+    ds = STRATEGIES[args.strategy]
+    tcfg = TrainConfig(batch_size=args.batch_size, mixed_precision="no",
+                       deepspeed=str(CONFIGS / ds) if ds else None)
+    accelerator = build_accelerator(tcfg)
+    rank = accelerator.process_index
+    rss_before_model = _rss_mb()
+    model, collate, reasons, ids, cf = build(args.hidden, args.layers)
+    lm_sampler = StepSampler(len(reasons), args.batch_size, seed=1)
+    pair_sampler = StepSampler(len(ids), args.batch_size, seed=2)
+    clock: list[float] = []
+    tokens = [0]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        clock.append(time.perf_counter())
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+        batch = collate([reasons[i] for i in lm_sampler.indices(step)])
+        tokens[0] += int(batch["attention_mask"].sum())
+        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss
+        idx = pair_sampler.indices(step)
+        eb = collate(embed_rows([ids[i] for i in idx]))
+        emb = model.embed(eb["input_ids"], eb["attention_mask"], eb["media"])
+        loss = loss + info_nce(model.id_head(emb), cf[idx], 0.1)
+        pos = collate(embed_rows([ids[(i + 1) % len(ids)] for i in idx]))  # a fixed "co-listened" neighbour
+        return loss + 0.5 * info_nce(emb, model.embed(pos["input_ids"], pos["attention_mask"], pos["media"]), 0.1)
+
+    t0 = time.perf_counter()
+    losses = fit(model, model.parameters(), loss_fn, steps=args.steps, lr=args.lr, warmup_ratio=0.0,
+                 ckpt_dir=args.out / "ckpt", save_every=args.save_every, accelerator=accelerator,
+                 desc=f"tinyjob {args.strategy}", progress=False, max_grad_norm=1.0)
+    wall = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        model.lm.save_pretrained(args.out / "adapter")
+        model.save_multimodal(args.out)
+    save_file(outputs(model, collate, reasons, ids), str(args.out / f"outputs_rank{rank}.safetensors"))
+    step_times = [b - a for a, b in zip(clock, clock[1:])]
+    stats = {"strategy": args.strategy, "rank": rank, "world": accelerator.num_processes, "losses": losses,
+             "step_times": step_times, "tokens": tokens[0], "wall_s": wall, "peak_rss_mb": _rss_mb(),
+             "rss_before_model_mb": rss_before_model,
+             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "total": sum(p.numel() for p in model.parameters())}
+    (args.out / f"stats_rank{rank}.json").write_text(json.dumps(stats))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
