@@ -28,6 +28,7 @@ from llmrec.model.mm_lm import MMConfig, MultimodalLM
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
 from train.collate import MultimodalCollator, drop_modalities
+from train.distributed import build_accelerator, enable_gradient_checkpointing
 from train.export import export_bundle
 from train.loop import StepSampler, fit
 
@@ -35,7 +36,7 @@ EMBEDDINGS = "embeddings.safetensors"
 
 
 def _accelerator(cfg: Config) -> Accelerator:
-    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available())
+    return build_accelerator(cfg.train)  # one process, DDP or DeepSpeed ZeRO: the launcher + train.deepspeed decide
 
 
 def _embed_prompts(songs, count_tokens=None, budget: int | None = None) -> dict[str, str]:
@@ -90,6 +91,10 @@ def stage0(cfg: Config, run: RunDir, catalog, accelerator, progress: bool):
     if (out / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     if cfg.model.backbone != "tiny":
+        if cfg.model.load_in_4bit:  # QLoRA: 4-bit backbone, LoRA on top (train/qlora.py)
+            from train.qlora import load_backbone_4bit
+
+            return load_backbone_4bit(cfg.model.backbone)
         return load_backbone(cfg.model.backbone)
     texts = _corpus(catalog, run.examples)
     tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab)
@@ -106,10 +111,12 @@ def stage0(cfg: Config, run: RunDir, catalog, accelerator, progress: bool):
     losses = fit(lm, lm.parameters(), loss_fn, steps=cfg.train.stage0_steps, lr=cfg.train.lr_stage0,
                  warmup_ratio=cfg.train.warmup_ratio, ckpt_dir=run.model / "ckpt-stage0",
                  save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 0 (backbone)", progress=progress)
-    with atomic_dir(out) as tmp:
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "losses.json").write_text(json.dumps(losses))
+    if accelerator.is_main_process:  # every rank holds the same trained weights after fit; one writes them
+        with atomic_dir(out) as tmp:
+            lm.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "losses.json").write_text(json.dumps(losses))
+    accelerator.wait_for_everyone()
     return lm, tokenizer
 
 
@@ -143,9 +150,11 @@ def stage1(cfg: Config, run: RunDir, model: MultimodalLM, collate, accelerator, 
                  warmup_ratio=cfg.train.warmup_ratio, ckpt_dir=run.model / "ckpt-stage1",
                  save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 1 (projectors)",
                  progress=progress)
-    with atomic_dir(out) as tmp:
-        model.save_multimodal(tmp)
-        (tmp / "losses.json").write_text(json.dumps(losses))
+    if accelerator.is_main_process:
+        with atomic_dir(out) as tmp:
+            model.save_multimodal(tmp)
+            (tmp / "losses.json").write_text(json.dumps(losses))
+    accelerator.wait_for_everyone()
     return losses
 
 
@@ -255,12 +264,20 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     pairs = load_from_disk(str(run.examples / "pairs"))
     accelerator = _accelerator(cfg)
     lm, tokenizer = stage0(cfg, run, catalog, accelerator, progress)
+    if cfg.model.load_in_4bit and cfg.model.backbone != "tiny":
+        from train.qlora import prepare_for_qlora
+
+        lm = prepare_for_qlora(lm, cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
     model = MultimodalLM(lm, tokenizer, _mm_config(cfg, features, len(pairs[0]["cf_factor"])))
     collate = MultimodalCollator(tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
                                  cfg.train.max_length)
     prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length, cfg.prompt.song_budget)
     s1 = stage1(cfg, run, model, collate, accelerator, progress)
     s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress)
+    if not accelerator.is_main_process:  # multi-process run: rank 0 alone saves, embeds and exports
+        return {"rank": accelerator.process_index, "stage2 loss last": s2[-1]}
     out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)
     ids, emb = song_embeddings(model, collate, prompts)
     save_embeddings(run.model / EMBEDDINGS, ids, emb)
