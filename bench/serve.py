@@ -1,0 +1,270 @@
+"""Serving load test: a real `llmrec serve` on 127.0.0.1 per engine, closed-loop clients at several concurrencies.
+
+    python bench/serve.py [--quick] [--engines hf,vllm] [--seconds S] [--concurrency 1,8,32]
+                          [--hidden 128 --layers 2] [--run-dir DIR]
+
+Without --run-dir it builds, in a temporary directory, the quick synthetic catalog with random media features and
+an untrained tiny bundle (`serve.tiny`; `--hidden/--layers` make the backbone wider), builds the index once, then
+for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CLI + uvicorn path) and measures:
+  - embeddings: `POST /v1/embeddings` with one catalog song per request;
+  - reasons: `POST /v1/explanations` with 1-5 history songs (prompt ~60-250 tokens) and an answer budget of
+    8, 32 or 96 tokens (an untrained model rarely stops early, so answers use their budget);
+each for `--seconds` at every concurrency level (closed loop: each client sends its next request when the last
+one is answered). Reported: requests/s, p50/p99 latency of the answered requests, error counts by status,
+useful tokens/s for reasons (tokens of the returned text), embeddings/s next to a matmul bound measured in this run
+(bf16 and fp32 GEMM FLOP/s divided by 2 x LM parameters x mean prompt tokens: what the forward pass would cost at
+peak GEMM speed), and the vLLM/HF ratios when both engines ran. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from llmrec.config import load_config  # noqa: E402
+from llmrec.io import RunDir  # noqa: E402
+
+ANSWER_BUDGETS = (8, 32, 96)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def build_run(work: Path, hidden: int, layers: int, quick: bool) -> RunDir:
+    from data_prep.synthetic import generate_catalog
+    from serve.app import build_index
+    from serve.engines.hf import HFEngine
+    from serve.tiny import TINY_LM, build_tiny_bundle, make_serve_run, wide_lm
+
+    cfg = load_config(extra_presets=["quick"], overrides=["synthetic.audio_seconds=1.0"])
+    cfg.name = "bench-serve"
+    cfg.serve.engine = "hf"
+    cfg.serve.request_timeout_s = 120.0
+    cfg.serve.max_new_tokens = max(ANSWER_BUDGETS)
+    generate_catalog(cfg.synthetic, work / "catalog", seed=0, progress=False)
+    lm = TINY_LM if (hidden, layers) == (TINY_LM.hidden_size, TINY_LM.num_layers) else wide_lm(hidden, layers)
+    build_tiny_bundle(work / "bundle", lm_cfg=lm)
+    run = make_serve_run(work / "run", work / "catalog", work / "bundle", cfg)
+    engine = HFEngine(run.model / "bundle")
+    build_index(cfg, run, engine, progress=False)
+    return run
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def lm_params(run: RunDir) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in (run.model / "bundle" / "lm").glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if "lm_head" not in k and "embed_tokens" not in k:  # lookups, not GEMMs, for embeddings
+                    total += int(np.prod(st.get_slice(k).get_shape()))
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+class Server:
+    def __init__(self, run: RunDir, engine: str, port: int, log: Path):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(log, "w")
+        cmd = [sys.executable, "-m", "llmrec.cli", "serve", "--run-dir", str(run.root), "--port", str(port),
+               "--set", f"serve.engine={engine}", "--set", f"serve.max_new_tokens={max(ANSWER_BUDGETS)}",
+               "--no-progress"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                return httpx.get(self.url + "/health", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError(f"server not up after {timeout:.0f}s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # uvicorn shuts down cleanly on SIGINT
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
+    from serve.demo import free_port as fp
+
+    return fp()
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+def make_request(kind: str, ids: list[str], rng: random.Random) -> tuple[str, dict]:
+    if kind == "embeddings":
+        return "/v1/embeddings", {"input": [rng.choice(ids)]}
+    history = rng.sample(ids, rng.randint(1, 5))
+    return "/v1/explanations", {"history": history, "song_id": rng.choice(ids),
+                                "max_new_tokens": rng.choice(ANSWER_BUDGETS)}
+
+
+async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: float, tokenizer, seed: int) -> dict:
+    latencies, statuses, tokens, prompt_tokens = [], {}, 0, []
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client(i: int, http: httpx.AsyncClient):
+        nonlocal tokens
+        rng = random.Random(seed * 1000 + i)
+        while time.perf_counter() < stop_at:
+            path, body = make_request(kind, ids, rng)
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(path, json=body)
+                code = r.status_code
+            except httpx.HTTPError as e:
+                code = type(e).__name__
+            dt = time.perf_counter() - t0
+            statuses[code] = statuses.get(code, 0) + 1
+            if code == 200:
+                latencies.append(dt)
+                data = r.json()
+                if kind == "embeddings":
+                    prompt_tokens.append(data["usage"]["prompt_tokens"])
+                else:
+                    tokens += len(tokenizer(data["reason"], add_special_tokens=False).input_ids)
+
+    t_start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+    wall = time.perf_counter() - t_start
+    lat = np.array(latencies) if latencies else np.array([np.nan])
+    ok = statuses.get(200, 0)
+    return {"concurrency": concurrency, "requests": sum(statuses.values()), "ok": ok,
+            "errors": {str(k): v for k, v in statuses.items() if k != 200}, "seconds": round(wall, 2),
+            "rps": round(ok / wall, 2), "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1),
+            "tokens_per_s": round(tokens / wall, 1) if kind == "reasons" else None,
+            "mean_prompt_tokens": round(float(np.mean(prompt_tokens)), 1) if prompt_tokens else None}
+
+
+def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, tokenizer, ids: list[str],
+                 startup_timeout: float) -> dict:
+    server = Server(run, engine, free_port(), run.root / f"server-{engine}.log")
+    try:
+        t0 = time.perf_counter()
+        health = server.wait(startup_timeout)
+        startup = time.perf_counter() - t0
+        asyncio.run(load(server.url, "reasons", ids, 2, 1.0, tokenizer, seed=99))  # warm-up, not reported
+        out = {"engine": health["engine"], "startup_s": round(startup, 1), "embeddings": [], "reasons": []}
+        for kind in ("embeddings", "reasons"):
+            for c in levels:
+                res = asyncio.run(load(server.url, kind, ids, c, seconds, tokenizer, seed=c))
+                out[kind].append(res)
+                print(f"  {engine:5s} {kind:10s} c={c:<3d} {res['rps']:8.2f} req/s  p50 {res['p50_ms']:8.1f} ms  "
+                      f"p99 {res['p99_ms']:8.1f} ms  errors {res['errors'] or 0}"
+                      + (f"  {res['tokens_per_s']:.0f} tok/s" if kind == "reasons" else ""), flush=True)
+        return out
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 s per level instead of --seconds")
+    ap.add_argument("--engines", default="hf", help="comma-separated: hf, vllm")
+    ap.add_argument("--seconds", type=float, default=20.0, help="duration of each (workload, concurrency) level")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--hidden", type=int, default=128, help="backbone width of the untrained bundle")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--run-dir", help="serve this run (bundle + index + catalog + features) instead of a tiny one")
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    args = ap.parse_args()
+    seconds = 3.0 if args.quick else args.seconds
+    levels = [int(c) for c in args.concurrency.split(",")]
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+
+    bounds = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        run = RunDir(Path(args.run_dir)) if args.run_dir else build_run(Path(tmp), args.hidden, args.layers, args.quick)
+        from transformers import AutoTokenizer
+
+        from serve.index import read_index_meta
+
+        tokenizer = AutoTokenizer.from_pretrained(run.model / "bundle" / "lm")
+        ids = read_index_meta(run.index)["song_ids"]
+        params = lm_params(run)
+        print(f"bundle: {params / 1e6:.2f}M LM parameters (GEMM), {len(ids)} songs; {seconds:g} s per level; "
+              f"GEMM bound bf16 {bounds['bf16'] / 1e9:.1f} GFLOP/s, fp32 {bounds['fp32'] / 1e9:.1f} GFLOP/s")
+        results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout) for e in engines}
+
+    print(f"\n{'engine':6s} {'workload':10s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'tok/s':>7s} {'emb/s':>7s} {'GEMM bound':>10s} {'of bound':>8s}  errors")
+    summary: dict = {"lm_params": params, "songs": len(ids), "seconds_per_level": seconds,
+                     "gemm_gflops": {k: round(v / 1e9, 2) for k, v in bounds.items()}, "engines": {}}
+    for e, res in results.items():
+        eng = summary["engines"][e] = {"startup_s": res["startup_s"]}
+        for kind in ("embeddings", "reasons"):
+            for r in res[kind]:
+                per_song = 2 * params * (r["mean_prompt_tokens"] or 0)  # forward FLOPs of one embedding
+                bound = {k: v / per_song for k, v in bounds.items()} if kind == "embeddings" and per_song else None
+                best = max(bound.values()) if bound else None
+                of_bound = f"{r['rps'] / best:.3f}" if best else "-"
+                print(f"{e:6s} {kind:10s} {r['concurrency']:4d} {r['rps']:8.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+                      f"{(r['tokens_per_s'] or 0):7.0f} {(r['rps'] if kind == 'embeddings' else 0):7.1f} "
+                      f"{(f'{best:.0f}' if best else '-'):>10s} {of_bound:>8s}  {r['errors'] or 0}")
+                key = f"{kind}_c{r['concurrency']}"
+                eng[key] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "tokens_per_s") if r[k] is not None}
+                if bound:
+                    eng[key].update({"mean_prompt_tokens": r["mean_prompt_tokens"],
+                                     "bf16_bound_emb_per_s": round(bound["bf16"], 1),
+                                     "fp32_bound_emb_per_s": round(bound["fp32"], 1),
+                                     "of_bf16_bound": round(r["rps"] / bound["bf16"], 4),
+                                     "of_best_gemm_bound": round(r["rps"] / best, 4)})
+    if "hf" in results and "vllm" in results:
+        top = max(levels)
+        hf, vl = summary["engines"]["hf"], summary["engines"]["vllm"]
+        summary["vllm_over_hf"] = {
+            f"reason_tokens_per_s_c{top}": round(vl[f"reasons_c{top}"]["tokens_per_s"] /
+                                                 max(hf[f"reasons_c{top}"]["tokens_per_s"], 1e-9), 3),
+            f"reason_p99_c{top}": round(vl[f"reasons_c{top}"]["p99_ms"] / hf[f"reasons_c{top}"]["p99_ms"], 3),
+            f"embeddings_per_s_c{top}": round(vl[f"embeddings_c{top}"]["rps"] /
+                                              max(hf[f"embeddings_c{top}"]["rps"], 1e-9), 3),
+        }
+    summary["errors_total"] = sum(sum(r["errors"].values()) for res in results.values()
+                                  for kind in ("embeddings", "reasons") for r in res[kind])
+    summary["load_average_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
