@@ -6,8 +6,11 @@ For each dataset it prepares the catalog into `<run-root>/<dataset>/` (the synth
 shrinks it — lastfm-2k is a fixed public set and always runs in full), runs the evaluation there (`eval/report.*`)
 and prints recall@20 / ndcg@20 per slice and model. The last line is one JSON object: per dataset and slice, both
 metrics for every model, the best CF model, and the ratios llmrec/best_cf, hybrid/best_cf, llmrec/text and
-llmrec/text2cf on recall@20 (null while llmrec is not trained: put a trained run's `model/embeddings.safetensors`
-into `<run-root>/<dataset>/model/` to include it).
+llmrec/text2cf on recall@20, plus the modality-ablation probes where the catalog has ground truth.
+
+llmrec itself is trained in the same run (`llmrec prepare`, `features`, `train`) for the datasets named by
+`--train` (default: the synthetic one; `--train all` also trains on lastfm-2k — tens of minutes on 2 cores).
+Ratios involving llmrec are null for a dataset where it is not trained.
 
 Text features are computed once per run directory and reused (`eval/text.safetensors`); on lastfm-2k (17,632
 artists) the first MiniLM pass takes minutes on 2 cores.
@@ -22,10 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from data_prep.prepare import build_catalog  # noqa: E402
+from data_prep.extract import run_features  # noqa: E402
+from data_prep.prepare import build_catalog, run_prepare  # noqa: E402
 from eval.report import CF_MODELS, SLICES, best_cf, run_eval  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402
 from llmrec.io import open_run_dir  # noqa: E402
+from train.stages import run_train  # noqa: E402
 
 DATASETS = ("synthetic", "lastfm")
 METRICS = ("recall@20", "ndcg@20")
@@ -84,16 +89,33 @@ def print_table(name: str, report: dict, summary: dict) -> None:
         print(f"note: {note}")
 
 
-def run_dataset(name: str, quick: bool, run_root: Path) -> tuple[dict, dict, float]:
+def run_dataset(name: str, quick: bool, run_root: Path, train: bool) -> tuple[dict, dict, float]:
     cfg = dataset_config(name, quick)
     run = open_run_dir(run_root / name)
     cfg.name = run.root.name
     cfg.save(run.config)
     t0 = time.perf_counter()
-    build_catalog(cfg, run, progress=False)
-    run_eval(cfg, run, argparse.Namespace(no_progress=False))
+    args = argparse.Namespace(no_progress=False)
+    if train:  # each stage skips work already complete in this run directory
+        run_prepare(cfg, run, args)
+        run_features(cfg, run, args)
+        run_train(cfg, run, args)
+    else:
+        build_catalog(cfg, run, progress=False)
+    run_eval(cfg, run, args)
     report = json.loads((run.eval / "report.json").read_text())
     return report, summarise(report), time.perf_counter() - t0
+
+
+def ablation_summary(report: dict) -> dict | None:
+    """Probe accuracy per attribute for text-only vs full llmrec (and the encoders), printed and returned."""
+    probes = report.get("ablation") or {}
+    if not probes.get("accuracy"):
+        return None
+    for model, acc in probes["accuracy"].items():
+        print(f"ablation probe {model:>18s}: " + ", ".join(f"{a} {v:.3f}" for a, v in acc.items()))
+    print("ablation chance: " + ", ".join(f"{a} {v:.3f}" for a, v in probes["chance"].items()))
+    return {"accuracy": probes["accuracy"], "chance": probes["chance"], "channel": probes["channel"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,15 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="quick synthetic catalog (lastfm always runs in full)")
     p.add_argument("--dataset", choices=[*DATASETS, "both"], default="both")
     p.add_argument("--run-root", default="runs/bench-quality", help="one run directory per dataset under this")
+    p.add_argument("--train", choices=["none", "synthetic", "all"], default="synthetic",
+                   help="datasets on which llmrec is trained in the same run (default: synthetic)")
     args = p.parse_args(argv)
     names = DATASETS if args.dataset == "both" else (args.dataset,)
     result: dict = {"bench": "quality", "quick": args.quick, "cf_models": list(CF_MODELS), "datasets": {}}
     for name in names:
-        report, summary, seconds = run_dataset(name, args.quick, Path(args.run_root))
+        train = args.train == "all" or args.train == name
+        report, summary, seconds = run_dataset(name, args.quick, Path(args.run_root), train)
         print_table(name, report, summary)
         result["datasets"][name] = {"dataset": report["dataset"], "item_kind": report["item_kind"],
                                     "split": report["split"]["kind"], "seconds": round(seconds, 1),
-                                    "hyperparameters": report["hyperparameters"], "slices": summary}
+                                    "llmrec_trained": train, "hyperparameters": report["hyperparameters"],
+                                    "slices": summary, "ablation": ablation_summary(report)}
     print(json.dumps(result))
     return 0
 

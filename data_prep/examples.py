@@ -350,9 +350,9 @@ def save_examples(examples: Examples, directory: str | Path, progress: bool = Fa
     from datasets.utils import logging as ds_logging
 
     directory = Path(directory)
+    # Saving three small tables takes well under a second: their per-shard bars are noise even with progress on.
     bars_were_on = ds_logging.is_progress_bar_enabled()
-    if not progress:
-        ds_logging.disable_progress_bar()
+    ds_logging.disable_progress_bar()
     try:
         with atomic_dir(directory) as tmp:
             for name, features in _features().items():
@@ -361,7 +361,7 @@ def save_examples(examples: Examples, directory: str | Path, progress: bool = Fa
                 Dataset.from_dict(columns, features=features).save_to_disk(str(tmp / name))
             atomic_write_json(tmp / "meta.json", examples.meta)
     finally:
-        if bars_were_on and not progress:
+        if bars_were_on:
             ds_logging.enable_progress_bar()
     return directory
 

@@ -15,7 +15,8 @@ Protocol (DESIGN.md, "Evaluation"):
 * Models: random, mostpop, itemknn, als, bpr (CF; hyperparameters tuned on a validation split carved out of the
   training part), text (ContentKNN on sentence embeddings of the song text), text2cf (ridge map from text to ALS
   factors for cold songs) and, once `llmrec train` has written `model/embeddings.safetensors`, llmrec (ContentKNN on
-  the LLM's song embeddings) and hybrid (ALS blended with llmrec on warm songs, llmrec alone on cold songs).
+  the LLM's song embeddings) and hybrid (the best-validating CF model blended with llmrec on warm songs, llmrec
+  alone on cold songs).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULTS = {"itemknn": {"k": 100, "shrink": 10.0}, "als": {"factors": 64, "regularization": 0.1, "alpha": 10.0},
             "bpr": {"factors": 64, "learning_rate": 0.01, "regularization": 0.01, "iterations": 300},
-            "text2cf": {"alpha": 10.0}, "hybrid": {"weight": 0.5}}
+            "text2cf": {"alpha": 10.0}, "hybrid": {"weight": 0.5, "cf": "als"}}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -315,9 +316,14 @@ def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.nda
             lambda m: validation_recall(m.fit(d.train), d, cold_valid, candidates=cold_cand),
             tuned)
     if llm is not None:
+        # The hybrid blends llmrec with the CF model that validates best on warm songs (not always ALS: ItemKNN
+        # wins on the synthetic catalog), so that it is compared with the strongest CF partner available.
+        cf_name = max(("itemknn", "als", "bpr"), key=lambda m: max(r["valid_recall@20"] for r in tuned.log[m]))
+        cf = {"itemknn": lambda: ItemKNN(**tuned.params["itemknn"]), "als": lambda: als,
+              "bpr": lambda: _bpr(tuned.params["bpr"], seed)}[cf_name]().fit(d.train)
         content = ContentKNN(llm).fit(d.train)
-        _search("hybrid", [{"weight": w} for w in BLEND_WEIGHTS],
-                lambda p: Hybrid(als, content, d.warm, **p),
+        _search("hybrid", [{"weight": w, "cf": cf_name} for w in BLEND_WEIGHTS],
+                lambda p: Hybrid(cf, content, d.warm, p["weight"]),
                 lambda m: validation_recall(m.fit(d.train), d, d.test), tuned)
     if progress:
         for name, params in tuned.params.items():
@@ -359,7 +365,8 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
     for name, vectors in llm.items():
         models[name] = ContentKNN(vectors).fit(x)
     if "llmrec" in models:
-        models["hybrid"] = Hybrid(models["als"], models["llmrec"], data.warm, **params["hybrid"]).fit(x)
+        blend = params["hybrid"]
+        models["hybrid"] = Hybrid(models[blend.get("cf", "als")], models["llmrec"], data.warm, blend["weight"]).fit(x)
     return models
 
 
@@ -625,8 +632,8 @@ def reasons_markdown(r: dict) -> list[str]:
                     f"{r.get('ground_truth', 'the catalog')}; faithfulness = true claims / claims, hallucination "
                     f"rate = reasons with a false claim / reasons."]
     if r.get("n"):
-        out.append(f"Greedy generation: {_num(r.get('latency_ms_per_reason'))} ms per reason (batched, "
-                   f"max {r.get('max_new_tokens')} new tokens).")
+        out.append(f"Greedy generation: {_num(r.get('latency_ms_per_reason'))} ms per reason (batches of "
+                   f"{r.get('batch_size')}, max {r.get('max_new_tokens')} new tokens).")
         out += ["", "Samples (✓ true claim, ✗ false claim):", ""]
         for s in r.get("samples", [])[:N_MD_SAMPLES]:
             claims = ", ".join(f"{'✓' if c['true'] else '✗'} {c['kind']}={c['value']}" for c in s["claims"]) or "none"

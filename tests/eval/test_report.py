@@ -122,6 +122,9 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     for rows in report["results"].values():
         assert {"llmrec", "hybrid"} <= set(rows)
     assert report["hyperparameters"]["hybrid"]["weight"] in rep.BLEND_WEIGHTS
+    grid = report["tuning"]["grid"]  # the hybrid's CF partner is the CF model with the best validation recall
+    best_valid = {m: max(r["valid_recall@20"] for r in grid[m]) for m in ("itemknn", "als", "bpr")}
+    assert report["hyperparameters"]["hybrid"]["cf"] == max(best_valid, key=best_valid.get)
     assert rep.LLMREC_NOT_TRAINED not in report["notes"]
     cold = report["results"]["cold"]
     assert cold["llmrec"]["recall@20"] > cold["random"]["recall@20"]
