@@ -157,6 +157,7 @@ class SongInputs:
         self.features = features
         self.histories = dict(histories or {})  # user id -> song ids, most recent first (distinct)
         self.added_media: dict[str, SongMedia] = {}
+        self._prompts: dict[str, str] = {}  # song id -> embedding prompt (catalog songs)
         self.stats: Counter = Counter()  # sanitiser repairs over all requests (exported by /metrics)
 
     # ------------------------------------------------------------------ lookups
@@ -184,7 +185,12 @@ class SongInputs:
         return EngineInput(prompt, media_batch([media], [0], [0], self.mm))
 
     def catalog_embed_input(self, song_id: str, field: str) -> EngineInput:
-        return self.embed_input(self.song(song_id, field), self.media(song_id))
+        # A catalog song's prompt never changes: build it once (fitting it to the budget tokenises it many times).
+        song = self.song(song_id, field)
+        if song_id not in self._prompts:
+            self._prompts[song_id] = embed_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
+                                                  self.cfg.prompt.song_budget)
+        return EngineInput(self._prompts[song_id], media_batch([self.media(song_id)], [0], [0], self.mm))
 
     def reason_input(self, history_ids: Sequence[str], candidate_id: str) -> EngineInput:
         """The stage-2 prompt (as `data_prep.examples` builds it) with its media rows in placeholder order."""
