@@ -1,0 +1,182 @@
+"""The vLLM engine: our splice on our side, vLLM's paged-attention engines on the spliced `prompt_embeds`.
+
+vLLM does not know our `<audio>`/`<cover>` placeholders, so the multimodal part stays in torch here: each prompt is
+tokenised and spliced by `MultimodalLM.splice` into one [T, H] tensor, which vLLM takes as `prompt_embeds`
+(`enable_prompt_embeds=True`). One vLLM instance runs one runner, so there are two engines in this process:
+
+- a generate engine writes the reasons (greedy `SamplingParams(temperature=0)`), and
+- a pooling engine (`runner="pooling", convert="embed"`) returns the final hidden state (after the last norm) of
+  the last prompt token — `PoolerConfig(pooling_type="LAST", use_activation=False)`; with the default activation
+  vLLM would L2-normalise it — to which `MultimodalLM.head` (+ late fusion) is applied on our side.
+
+Memory: only the token-embedding table (read tensor by tensor from the merged checkpoint's safetensors) and the
+projector/head weights (`multimodal.safetensors`) are loaded here; the transformer itself lives in vLLM's workers
+only, so a 7B bundle is not held twice. Each vLLM engine spawns an EngineCore process (spawn start method: the entry
+script needs `if __name__ == "__main__":`); `close()` shuts both down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoTokenizer
+
+from llmrec.model.bundle import read_bundle_meta
+from llmrec.model.mm_lm import MultimodalLM, read_mm_config
+from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media
+from serve.engines.hf import HFEngine
+
+# vLLM's CPU backend forces `spawn` for its workers anyway; set it before vLLM is imported so the GPU build agrees
+# (forking a process that already runs torch threads can deadlock).
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _InputEmbeddings(nn.Module):
+    """Stands in for the causal LM inside `MultimodalLM`: `splice` needs only the input-embedding table."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(weight, freeze=True)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+
+def load_input_embeddings(lm_dir: Path) -> torch.Tensor:
+    """The `*embed_tokens.weight` tensor of a `save_pretrained` checkpoint (single or sharded safetensors), read
+    without loading any other tensor."""
+    index = lm_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        candidates = [(k, lm_dir / f) for k, f in weight_map.items()]
+    else:
+        candidates = []
+        for f in sorted(lm_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                candidates += [(k, f) for k in st.keys()]
+    found = [(k, f) for k, f in candidates if k.endswith("embed_tokens.weight")]
+    if len(found) != 1:
+        raise ValueError(f"{lm_dir}: expected one '*embed_tokens.weight' tensor in the safetensors checkpoint, "
+                         f"found {[k for k, _ in found]} (is it a Llama-architecture save_pretrained dir?)")
+    key, path = found[0]
+    with safe_open(str(path), framework="pt") as st:
+        return st.get_tensor(key)
+
+
+def checkpoint_dtype(lm_dir: Path) -> str:
+    """The dtype the merged checkpoint was saved in; both engines serve it in that precision (vLLM's own `auto`
+    would turn float32 into float16)."""
+    cfg = json.loads((lm_dir / "config.json").read_text())
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{lm_dir}/config.json: unsupported dtype {dtype!r}; expected one of {list(_DTYPES)}")
+    return dtype
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, bundle_dir: str | os.PathLike, serve_cfg=None, dtype: str | None = None):
+        from vllm import LLM, SamplingParams  # noqa: F401 - fail here, clearly, when vLLM is missing
+        from vllm.config import PoolerConfig
+
+        self.bundle_dir = Path(bundle_dir)
+        self.meta = read_bundle_meta(self.bundle_dir)
+        lm_dir = self.bundle_dir / self.meta["lm"]
+        self.dtype = dtype or checkpoint_dtype(lm_dir)
+        lm_cfg = json.loads((lm_dir / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+        self.model = MultimodalLM(_InputEmbeddings(load_input_embeddings(lm_dir)), tokenizer,
+                                  read_mm_config(self.bundle_dir))
+        self.model.load_multimodal(self.bundle_dir)
+        self.model.eval()
+
+        max_len = int(getattr(serve_cfg, "vllm_max_model_len", 0) or lm_cfg.get("max_position_embeddings", 2048))
+        self.max_positions = max_len
+        kv_gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
+        common = dict(
+            model=str(lm_dir), dtype=self.dtype, enable_prompt_embeds=True, enforce_eager=True,
+            max_model_len=max_len, seed=0,
+            gpu_memory_utilization=float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)),
+            kv_cache_memory_bytes=int(kv_gib * (1 << 30)) if kv_gib > 0 else None,
+        )
+        self._lock = threading.Lock()  # `LLM` is not thread-safe; the app calls from one engine thread anyway
+        self._gen = self._pool = None
+        try:
+            self._gen = LLM(**common)
+            self._pool = LLM(**common, runner="pooling", convert="embed",
+                             pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.cfg.embedding_dim)
+
+    @property
+    def bundle_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    # The same tokenisation and context check as the transformers engine (uses `self.model`, `self.max_positions`).
+    token_ids = HFEngine.token_ids
+
+    @torch.inference_mode()
+    def prompt_embeds(self, item: EngineInput, ids: list[int]) -> dict:
+        """One vLLM prompt: the spliced [T, H] embeddings of one request, in the served dtype."""
+        embeds = self.model.splice(torch.tensor([ids]), item.media)[0]
+        return {"prompt_embeds": embeds.to(_DTYPES[self.dtype]).contiguous()}
+
+    # ------------------------------------------------------------------------------------------------ engine
+    def generate_ids(self, items: list[EngineInput], max_new_tokens: int) -> list[list[int]]:
+        """Greedy new token ids per prompt (EOS included when it was generated), as `MultimodalLM.generate`."""
+        from vllm import SamplingParams
+
+        if not items:
+            return []
+        prompts = [self.prompt_embeds(it, self.token_ids(it, max_new_tokens)) for it in items]
+        # detokenize=False: we decode with the bundle's tokenizer exactly as the transformers engine does.
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
+        with self._lock:
+            outs = self._gen.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
+        rows = self.generate_ids(items, max_new_tokens)
+        if not rows:  # batch_decode([]) would give [""]
+            return []
+        return [t.strip() for t in self.model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def hidden_states(self, items: list[EngineInput]) -> torch.Tensor:
+        """[N, H] final hidden state at each prompt's last token (`<emb>`), computed by the pooling engine."""
+        prompts = []
+        for it in items:
+            ids = self.token_ids(it)
+            check_embed_prompt(self.model, ids)
+            prompts.append(self.prompt_embeds(it, ids))
+        with self._lock:
+            outs = self._pool.embed(prompts, use_tqdm=False)
+        return torch.stack([torch.as_tensor(o.outputs.embedding, dtype=torch.float32) for o in outs])
+
+    @torch.inference_mode()
+    def embed(self, items: list[EngineInput]) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        emb = self.model.head(self.hidden_states(items), concat_media(items))
+        return emb.float().cpu().numpy()
+
+    def close(self) -> None:
+        for attr in ("_gen", "_pool"):
+            llm = getattr(self, attr, None)
+            setattr(self, attr, None)
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown()

