@@ -4,7 +4,9 @@ vLLM does not know our `<audio>`/`<cover>` placeholders, so the multimodal part 
 tokenised and spliced by `MultimodalLM.splice` into one [T, H] tensor, which vLLM takes as `prompt_embeds`
 (`enable_prompt_embeds=True`). One vLLM instance runs one runner, so there are two engines in this process:
 
-- a generate engine writes the reasons (greedy `SamplingParams(temperature=0)`), and
+- a generate engine writes the reasons (greedy `SamplingParams(temperature=0)`); one background thread owns it
+  (`_ContinuousBatcher`), so `generate` may be called from several threads at once and every call's requests join
+  the running batch (`concurrent_calls = True` tells the app it need not group requests itself), and
 - a pooling engine (`runner="pooling", convert="embed"`) returns the final hidden state (after the last norm) of
   the last prompt token — `PoolerConfig(pooling_type="LAST", use_activation=False)`; with the default activation
   vLLM would L2-normalise it — to which `MultimodalLM.head` (+ late fusion) is applied on our side.
@@ -16,9 +18,12 @@ script needs `if __name__ == "__main__":`); `close()` shuts both down.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import queue
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +86,75 @@ def checkpoint_dtype(lm_dir: Path) -> str:
     return dtype
 
 
+class _ContinuousBatcher:
+    """Drives one vLLM engine from a single background thread, so that requests from concurrent callers join the
+    batch that is already running (continuous batching across calls, vLLM's main advantage over a static batch).
+    `LLM.generate` would run each call's batch to completion while other callers wait; `LLMEngine` itself is not
+    thread-safe, hence one owner thread: callers only put requests into its inbox and wait on futures."""
+
+    def __init__(self, llm_engine):
+        self.engine = llm_engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[str, Future] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="vllm-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: dict, params) -> Future:
+        if self._closed:
+            raise RuntimeError("the vLLM engine is closed")
+        fut: Future = Future()
+        self._inbox.put((str(next(self._ids)), prompt, params, fut))
+        return fut
+
+    def _admit(self, job) -> None:
+        rid, prompt, params, fut = job
+        try:
+            self.engine.add_request(rid, prompt, params)
+        except Exception as e:  # noqa: BLE001 - a bad request fails alone, the batch goes on
+            fut.set_exception(e)
+        else:
+            self._pending[rid] = fut
+
+    def _run(self) -> None:
+        while True:
+            if not self._pending:  # idle: sleep until work (or the stop sentinel) arrives
+                job = self._inbox.get()
+                if job is None:
+                    return
+                self._admit(job)
+            while True:  # admit everything that arrived since the last step
+                try:
+                    job = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                self._admit(job)
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - the engine failed: every waiting caller gets the error
+                for fut in self._pending.values():
+                    fut.set_exception(e)
+                self._pending.clear()
+                continue
+            for out in outputs:
+                if out.finished and out.request_id in self._pending:
+                    self._pending.pop(out.request_id).set_result(out)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+            for fut in self._pending.values():
+                fut.set_exception(RuntimeError("the vLLM engine was closed"))
+
+
 class VLLMEngine(Engine):
     name = "vllm"
+    concurrent_calls = True  # generate() is thread-safe and batches across concurrent calls (continuous batching)
 
     def __init__(self, bundle_dir: str | os.PathLike, serve_cfg=None, dtype: str | None = None):
         from vllm import LLM, SamplingParams  # noqa: F401 - fail here, clearly, when vLLM is missing
@@ -108,10 +180,11 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)),
             kv_cache_memory_bytes=int(kv_gib * (1 << 30)) if kv_gib > 0 else None,
         )
-        self._lock = threading.Lock()  # `LLM` is not thread-safe; the app calls from one engine thread anyway
-        self._gen = self._pool = None
+        self._lock = threading.Lock()  # `LLM` is not thread-safe: one pooling call at a time
+        self._gen = self._pool = self._batcher = None
         try:
             self._gen = LLM(**common)
+            self._batcher = _ContinuousBatcher(self._gen.llm_engine)
             self._pool = LLM(**common, runner="pooling", convert="embed",
                              pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
         except BaseException:
@@ -140,15 +213,17 @@ class VLLMEngine(Engine):
     def generate_ids(self, items: list[EngineInput], max_new_tokens: int) -> list[list[int]]:
         """Greedy new token ids per prompt (EOS included when it was generated), as `MultimodalLM.generate`."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         if not items:
             return []
         prompts = [self.prompt_embeds(it, self.token_ids(it, max_new_tokens)) for it in items]
-        # detokenize=False: we decode with the bundle's tokenizer exactly as the transformers engine does.
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
-        with self._lock:
-            outs = self._gen.generate(prompts, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        # detokenize=False: we decode with the bundle's tokenizer exactly as the transformers engine does;
+        # FINAL_ONLY: no partial outputs per step.
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        futures = [self._batcher.submit(p, params) for p in prompts]
+        return [list(f.result().outputs[0].token_ids) for f in futures]
 
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
         rows = self.generate_ids(items, max_new_tokens)
@@ -175,6 +250,9 @@ class VLLMEngine(Engine):
         return emb.float().cpu().numpy()
 
     def close(self) -> None:
+        if getattr(self, "_batcher", None) is not None:
+            self._batcher.close()
+            self._batcher = None
         for attr in ("_gen", "_pool"):
             llm = getattr(self, attr, None)
             setattr(self, attr, None)

@@ -7,6 +7,8 @@ torchvision/torchaudio/torchcodec, see README "vLLM on CPU/GPU"). The checkpoint
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,12 @@ def test_reasons_equal_the_transformers_engine_token_for_token(engines, reason_i
     texts = vllm_engine.generate(reason_inputs, MAX_NEW)
     assert texts == hf.generate(reason_inputs, MAX_NEW)
     assert len(set(texts)) > 1  # different prompts/media, different reasons
+    # concurrent calls with other answer budgets share the running batch and still get their own greedy prefix
+    budgets = [4, MAX_NEW, 9, 16]
+    with ThreadPoolExecutor(len(budgets)) as pool:
+        rows = list(pool.map(lambda ib: vllm_engine.generate_ids([reason_inputs[ib[0]]], ib[1])[0],
+                             enumerate(budgets)))
+    assert rows == [g[:b] for g, b in zip(got, budgets)]
 
 
 @pytest.mark.slow
