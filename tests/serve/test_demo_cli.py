@@ -5,6 +5,7 @@ import argparse
 import copy
 
 import numpy as np
+import pytest
 
 from llmrec.cli import main
 from serve.app import run_serve, serve_engine_name
@@ -42,3 +43,17 @@ def test_demo_serves_every_endpoint_on_loopback_and_stops(serve_run, capsys):
     assert result["server"].startswith("http://127.0.0.1:") and result["server"].endswith("stopped")
     assert result["requests served"] >= 5  # health, embeddings x2, recommendations, explanations
     assert len(result["cold start neighbours"].split(", ")) == 5
+
+
+@pytest.mark.slow
+def test_build_index_on_ray_equals_the_local_build(serve_run, tmp_path):
+    from serve.app import build_index
+    from serve.engines.hf import HFEngine
+
+    cfg, run = serve_run
+    local = build_index(copy.deepcopy(cfg), run, HFEngine(run.model / "bundle"), progress=False)
+    ray_cfg = copy.deepcopy(cfg)
+    ray_cfg.features.engine, ray_cfg.features.workers, ray_cfg.serve.embed_batch = "ray", 2, 40
+    remote = build_index(ray_cfg, run, progress=False)
+    assert remote.song_ids == local.song_ids and remote.bundle_hash == local.bundle_hash
+    np.testing.assert_allclose(remote.embeddings, local.embeddings, atol=1e-5)
