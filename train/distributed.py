@@ -106,8 +106,10 @@ def build_accelerator(train_cfg) -> Accelerator:
         ds = resolve_ds_config(load_ds_config(train_cfg.deepspeed), micro_batch=train_cfg.batch_size,
                                grad_accum=train_cfg.grad_accum, max_grad_norm=train_cfg.max_grad_norm,
                                precision=precision)
-        # zero3_init_flag=False: our models are built before the accelerator exists (see README for 7B notes).
-        kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
+        # ZeRO-3: transformers' from_pretrained/from_config then build each layer already partitioned (zero.Init),
+        # so no rank ever holds a whole 7B backbone; models built before this point are partitioned at prepare.
+        stage3 = ds.get("zero_optimization", {}).get("stage") == 3
+        kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=stage3)
         if not on_gpu:
             _skip_deepspeed_shm_op()
     elif not on_gpu:

@@ -44,12 +44,16 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lora_r: int = 4, lora: bool = True):
+def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lora_r: int = 4, lora: bool = True,
+          zero_init: bool = False):
     """(model, collator, reason rows, song ids, cf factors) — deterministic for the arguments; `lora=False` gives
-    the bare model a saved adapter is loaded into."""
+    the bare model a saved adapter is loaded into. `zero_init` (under ZeRO-3 only): build the backbone through
+    transformers' `_from_config`, which partitions each layer as it is created (zero.Init), as from_pretrained does
+    for a real checkpoint — no rank ever holds the whole backbone (other initial values than `zero_init=False`)."""
     from llmrec.config import load_config
     from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
     from llmrec.model.mm_lm import MMConfig, MultimodalLM
+    from transformers import LlamaForCausalLM
     from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
     from train.collate import MultimodalCollator
     from train.stages import add_lora
@@ -67,7 +71,13 @@ def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lor
                      (torch.arange(songs) % 5 != 0).long(), torch.randn(songs, 1, 2, 16, generator=g),
                      torch.ones(songs, dtype=torch.long))
     cf = torch.randn(songs, 8, generator=g)
-    lm = build_tiny_llama(cfg.model, tok, seed=seed)
+    if not zero_init:
+        lm = build_tiny_llama(cfg.model, tok, seed=seed)
+    else:  # from_config honours ZeRO-3's zero.Init (transformers initialises the partitioned weights correctly), including transformers' weight init of partitioned tensors
+        with torch.device("meta"):
+            config = build_tiny_llama(cfg.model, tok, seed=seed).config
+        torch.manual_seed(seed)
+        lm = LlamaForCausalLM._from_config(config)
     model = MultimodalLM(lm, tok, MMConfig("mlp2x_gelu", 2, 2, 16, 1, 2, 16, embedding_dim=16, cf_dim=8))
     if not lora:
         return model, MultimodalCollator(tok, feats, 2, 2, max_length=96), reasons, ids, cf
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (kill tests)")
+    ap.add_argument("--no-zero-init", action="store_true", help="ZeRO-3: build the backbone whole, then partition")
     args = ap.parse_args(argv)
 
     from llmrec.config import TrainConfig
@@ -121,24 +132,27 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = build_accelerator(tcfg)
     rank = accelerator.process_index
     rss_before_model = _rss_mb()
-    model, collate, reasons, ids, cf = build(args.hidden, args.layers)
+    zero_init = args.strategy.startswith("zero3") and not args.no_zero_init
+    model, collate, reasons, ids, cf = build(args.hidden, args.layers, zero_init=zero_init)
     lm_sampler = StepSampler(len(reasons), args.batch_size, seed=1)
     pair_sampler = StepSampler(len(ids), args.batch_size, seed=2)
     clock: list[float] = []
     tokens = [0]
+    train_peak = [0.0]  # peak RSS up to the last step, before `fit` gathers the full weights back (ZeRO-3)
 
     def loss_fn(step: int) -> torch.Tensor:
         clock.append(time.perf_counter())
         if args.step_sleep:
             time.sleep(args.step_sleep)
         batch = collate([reasons[i] for i in lm_sampler.indices(step)])
-        tokens[0] += int(batch["attention_mask"].sum())
         loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss
         idx = pair_sampler.indices(step)
         eb = collate(embed_rows([ids[i] for i in idx]))
         emb = model.embed(eb["input_ids"], eb["attention_mask"], eb["media"])
         loss = loss + info_nce(model.id_head(emb), cf[idx], 0.1)
         pos = collate(embed_rows([ids[(i + 1) % len(ids)] for i in idx]))  # a fixed "co-listened" neighbour
+        tokens[0] += sum(int(b["attention_mask"].sum()) for b in (batch, eb, pos))
+        train_peak[0] = _rss_mb()
         return loss + 0.5 * info_nce(emb, model.embed(pos["input_ids"], pos["attention_mask"], pos["media"]), 0.1)
 
     t0 = time.perf_counter()
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     step_times = [b - a for a, b in zip(clock, clock[1:])]
     stats = {"strategy": args.strategy, "rank": rank, "world": accelerator.num_processes, "losses": losses,
              "step_times": step_times, "tokens": tokens[0], "wall_s": wall, "peak_rss_mb": _rss_mb(),
+             "train_peak_rss_mb": train_peak[0],
              "rss_before_model_mb": rss_before_model,
              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "total": sum(p.numel() for p in model.parameters())}

@@ -37,7 +37,8 @@ def jobs(tmp_path_factory):
     def get(strategy: str) -> Path:
         if strategy not in done:
             out = tmp_path_factory.mktemp(strategy)
-            run_job(strategy, out, "--steps", str(STEPS), port=29517 + len(done))
+            # --no-zero-init: the backbone starts from build()'s exact weights, so this process can rebuild it
+            run_job(strategy, out, "--steps", str(STEPS), "--no-zero-init", port=29517 + len(done))
             done[strategy] = out
         return done[strategy]
     return get
