@@ -25,8 +25,9 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, EMB_FILE, META_FILE = "songs.faiss", "embeddings.npy", "index.json"
 
 
-class StaleIndexError(RuntimeError):
-    """The index was built from another bundle; it must be rebuilt."""
+class StaleIndexError(ValueError):
+    """The index was built from another bundle; it must be rebuilt (a ValueError: the CLI prints it as an error
+    message, not a traceback)."""
 
 
 def build_faiss(emb: np.ndarray, kind: str = "flat", *, nlist: int = 0, nprobe: int = 8,

@@ -347,7 +347,7 @@ def test_bearer_token_when_configured(state, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ index / overload
 
-def test_stale_index_is_refused_at_startup(state, serve_run, tmp_path):
+def test_stale_index_is_refused_at_startup(state, serve_run, tmp_path, capsys):
     cfg, run = serve_run
     other = copy.copy(state.index)
     other.bundle_hash = "0" * 64
@@ -358,6 +358,10 @@ def test_stale_index_is_refused_at_startup(state, serve_run, tmp_path):
     other.save(stale_run.index)
     with pytest.raises(StaleIndexError, match="rebuild with `llmrec serve --build-index"):
         load_state(copy.deepcopy(cfg), stale_run, engine=state.engine)
+    from llmrec.cli import main
+
+    assert main(["serve", "--run-dir", str(stale_run.root), "--set", "serve.engine=hf"]) == 2
+    assert "stale index" in capsys.readouterr().err
 
 
 class SlowEngine:
