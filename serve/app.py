@@ -465,13 +465,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def guard(request: Request, call_next):
         t0 = time.perf_counter()
         path = request.url.path
+        label = path if path in ROUTES else "other"  # bounded label values, whatever paths clients try
         if state.api_key and path not in OPEN_PATHS:
             auth = request.headers.get("authorization", "")
             token = auth[7:] if auth[:7].lower() == "bearer " else ""
             if not secrets.compare_digest(token.encode(), state.api_key.encode()):
                 response = error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",
                                  headers={"WWW-Authenticate": "Bearer"})
-                m.observe(path, 401, time.perf_counter() - t0)
+                m.observe(label, 401, time.perf_counter() - t0)
                 return response
         try:
             response = await call_next(request)
@@ -480,7 +481,7 @@ def create_app(state: ServerState) -> FastAPI:
                 raise  # already answered with 413 by BodyLimit
             log.exception("unhandled error on %s", path)
             response = error(500, "internal error; see the server log")
-        m.observe(path if path in ROUTES else "other", response.status_code, time.perf_counter() - t0)
+        m.observe(label, response.status_code, time.perf_counter() - t0)
         return response
 
     def endpoint(fn):

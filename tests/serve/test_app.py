@@ -337,6 +337,9 @@ def test_bearer_token_when_configured(state, monkeypatch):
         assert c.get("/health").status_code == 200  # probes stay open
         ok = c.post("/v1/embeddings", json={"input": some}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+        assert c.get("/../../etc/passwd").status_code == 401
+        text = c.get("/metrics", headers={"Authorization": "Bearer s3cret"}).text
+        assert 'llmrec_requests_total{endpoint="other",status="401"}' in text and "passwd" not in text
     with client_for(state) as c:  # auth off: no header needed
         assert c.post("/v1/embeddings", json={"input": some}).status_code == 200
     monkeypatch.setenv("LLMREC_API_KEY", "from-env")
