@@ -147,6 +147,47 @@ class MicroBatcher:
             start += len(p.items)
 
 
+class ConcurrentCalls:
+    """For engines that batch across concurrent calls themselves (vLLM's continuous batching: `concurrent_calls =
+    True` on the engine): each request is its own engine call from a thread pool, so it joins the running batch at
+    once; only the queue bound (503) and the timeout (504) apply. Items count as queued until their call returns,
+    also after a timeout, so abandoned work still holds its place and load cannot grow without bound."""
+
+    def __init__(self, fn: Callable[..., Sequence[Any]], *, max_queue: int, timeout_s: float,
+                 executor: ThreadPoolExecutor, name: str = "calls"):
+        self.fn, self.max_queue, self.timeout_s, self.executor, self.name = fn, max_queue, timeout_s, executor, name
+        self.stats = BatchStats()
+        self.queued_items = 0
+
+    async def submit(self, items: Sequence[Any], *args) -> list[Any]:
+        if not items:
+            return []
+        if self.queued_items + len(items) > self.max_queue:
+            self.stats.overloaded += 1
+            raise Overloaded(f"server busy: {self.queued_items} items in flight (limit {self.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        self.queued_items += len(items)
+
+        def done(_):
+            self.queued_items -= len(items)
+            self.stats.batches += 1
+            self.stats.items += len(items)
+
+        def done_threadsafe(f):
+            try:
+                loop.call_soon_threadsafe(done, f)
+            except RuntimeError:  # the loop has closed (server shut down): nothing left to count
+                pass
+
+        call = self.executor.submit(self.fn, list(items), *args)
+        call.add_done_callback(done_threadsafe)
+        try:
+            return list(await asyncio.wait_for(asyncio.wrap_future(call), self.timeout_s))
+        except asyncio.TimeoutError:
+            self.stats.timeouts += 1
+            raise RequestTimeout(f"request not answered within {self.timeout_s:g}s") from None
+
+
 class BatchedEngine:
     """An `Engine` behind micro-batchers: `await embed(items)` and `await generate(items, max_new_tokens)` from
     many concurrent requests become few engine calls. All batchers share one engine thread."""
@@ -158,6 +199,11 @@ class BatchedEngine:
         self.embedder = MicroBatcher(lambda items: list(engine.embed(items)), executor=self._executor, name="embed",
                                      **self._kw)
         self._generators: dict[int, MicroBatcher] = {}
+        self._concurrent: ConcurrentCalls | None = None
+        if getattr(engine, "concurrent_calls", False):  # the engine batches across calls (vLLM)
+            self._pool = ThreadPoolExecutor(max_workers=max(4, min(max_queue, 128)), thread_name_prefix="engine-gen")
+            self._concurrent = ConcurrentCalls(engine.generate, max_queue=max_queue, timeout_s=timeout_s,
+                                               executor=self._pool, name="generate")
 
     async def embed(self, items: Sequence[Any]):
         import numpy as np
@@ -166,6 +212,8 @@ class BatchedEngine:
         return np.stack(rows) if rows else np.zeros((0, self.engine.embedding_dim), dtype=np.float32)
 
     async def generate(self, items: Sequence[Any], max_new_tokens: int) -> list[str]:
+        if self._concurrent is not None:
+            return await self._concurrent.submit(items, max_new_tokens)
         # One batcher per answer length: requests in one engine call share max_new_tokens.
         if max_new_tokens not in self._generators:
             self._generators[max_new_tokens] = MicroBatcher(
@@ -174,12 +222,15 @@ class BatchedEngine:
         return await self._generators[max_new_tokens].submit(items)
 
     def stats(self) -> dict[str, dict[str, int]]:
-        out = {"embed": self.embedder.stats.as_dict()}
-        out.update({b.name: b.stats.as_dict() for b in self._generators.values()})
-        return out
+        return {b.name: b.stats.as_dict() for b in self._batchers()}
+
+    def _batchers(self) -> list:
+        return [self.embedder, *self._generators.values(), *([self._concurrent] if self._concurrent else [])]
 
     def queued(self) -> int:
-        return self.embedder.queued_items + sum(b.queued_items for b in self._generators.values())
+        return sum(b.queued_items for b in self._batchers())
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._concurrent is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -110,3 +110,50 @@ def test_batched_engine_matches_direct_engine_calls(tiny_bundle, embed_inputs, r
     assert [t[0] for t in texts] == engine.generate(reason_inputs, 6)
     assert be.stats()["embed"]["batches"] < len(embed_inputs)
     be.close()
+
+
+class ContinuousEngine:
+    """An engine that batches across concurrent calls itself (like the vLLM engine): records call overlap."""
+
+    concurrent_calls = True
+    embedding_dim = 2
+
+    def __init__(self, delay: float = 0.2):
+        self.delay, self.active, self.max_active = delay, 0, 0
+        self.lock = threading.Lock()
+
+    def generate(self, items, max_new_tokens):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        time.sleep(self.delay)
+        with self.lock:
+            self.active -= 1
+        return [f"{it}:{max_new_tokens}" for it in items]
+
+    def embed(self, items):
+        return [[1.0, 0.0] for _ in items]
+
+
+def test_engines_that_batch_across_calls_get_concurrent_calls_with_the_same_bounds():
+    engine = ContinuousEngine()
+    be = BatchedEngine(engine, max_batch=8, max_wait_s=0.01, max_queue=6, timeout_s=5)
+
+    async def main():
+        got = await asyncio.gather(*(be.generate([f"r{i}"], 8 + i) for i in range(5)))
+        busy = [asyncio.ensure_future(be.generate(["a", "b", "c"], 4)) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded, match="6 items in flight"):
+            await be.generate(["x"], 4)
+        await asyncio.gather(*busy)
+        return got, be.queued()
+
+    got, left = run(main())
+    assert got == [[f"r{i}:{8 + i}"] for i in range(5)]  # per-request budgets, no grouping by budget needed
+    assert engine.max_active >= 3 and left == 0  # the calls overlapped: the engine's own batching can merge them
+    assert be.stats()["generate"]["overloaded"] == 1
+    slow = BatchedEngine(ContinuousEngine(delay=0.5), max_batch=8, max_wait_s=0.01, max_queue=6, timeout_s=0.1)
+    with pytest.raises(RequestTimeout):
+        run(slow.generate(["x"], 4))
+    be.close()
+    slow.close()
