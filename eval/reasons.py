@@ -19,8 +19,8 @@ rock song" claims rock): the checker is deliberately literal, so it errs towards
 Language is not checked (the data has codes such as `en`, not words a reason would use).
 
 Metrics (`reason_metrics`): faithfulness (true claims / all claims), hallucination rate (reasons with at least one
-false claim / reasons), claims per reason, corpus distinct-1/2 (distinct n-grams / n-grams, Li et al. 2016), mean
-length in words, and the shares of empty and degenerate reasons.
+false claim / reasons), claims per reason, corpus distinct-1/2 (distinct n-grams / n-grams, Li et al. 2016), the
+share of distinct reasons, mean length in words, and the shares of empty and degenerate reasons.
 
 `evaluate_reasons` generates reasons for a seeded sample of held-out (user, song) plays with the run's serving
 bundle — prompts from the listener's TRAINING history only, exactly as `llmrec prepare` builds stage-2 prompts —
@@ -238,6 +238,9 @@ def reason_metrics(texts: Sequence[str], claims: Sequence[Sequence[Claim]]) -> d
         "claims_per_reason": len(flat) / len(texts) if texts else None,
         "grounded_share": _mean([bool(cs) and all(c.true for c in cs) for cs in claims]),  # >=1 claim, all true
         "by_kind": per_kind,
+        # Distinct reasons / reasons (case and punctuation ignored): a collapsed model writes one reason for all,
+        # and then faithfulness only says how often that one sentence happens to be true.
+        "unique_share": len({" ".join(words(t)) for t in texts}) / len(texts) if texts else None,
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "mean_words": _mean([len(words(t)) for t in texts]),
@@ -379,6 +382,7 @@ def generate_reasons(model, features, prompts: Sequence[Prompt], max_new_tokens:
 # ------------------------------------------------------------------------------------------------ the report section
 
 N_SAMPLES = 8  # reasons shown in report.json (report.md shows 5)
+GEN_BATCH = 16  # prompts per generate() call: latency_ms_per_reason is the batched wall time / reasons
 
 
 def _claims_json(claims: Sequence[Claim]) -> list[dict[str, Any]]:
@@ -419,7 +423,7 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     features = load_media_features(run.features)
     load_s = time.perf_counter() - t0
     texts, gen_s = generate_reasons(model, features, [c.prompt for c in cases], cfg.eval.reasons_max_new_tokens,
-                                    max_length=cfg.train.max_length)
+                                    batch_size=GEN_BATCH, max_length=cfg.train.max_length)
     kept = [i for i, t in enumerate(texts) if t is not None]
     if not kept:
         return {**section, "prompts_too_long": len(texts),
@@ -433,7 +437,7 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
                for i, cl in zip(kept[:N_SAMPLES], claims[:N_SAMPLES])]
     return {**section, **metrics,
             "latency_ms_per_reason": 1000 * gen_s / len(kept) if kept else None,
-            "max_new_tokens": cfg.eval.reasons_max_new_tokens,
+            "max_new_tokens": cfg.eval.reasons_max_new_tokens, "batch_size": GEN_BATCH,
             "prompts_too_long": len(texts) - len(kept),
             "seconds": {"load": round(load_s, 2), "generate": round(gen_s, 2)},
             "samples": samples}

@@ -608,8 +608,8 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(out) + "\n"
 
 
-REASON_COLUMNS = ("faithfulness", "hallucination_rate", "claims_per_reason", "distinct_1", "distinct_2",
-                  "mean_words", "degenerate_share")
+REASON_COLUMNS = ("faithfulness", "hallucination_rate", "claims_per_reason", "unique_share", "distinct_1",
+                  "distinct_2", "mean_words", "degenerate_share")
 N_MD_SAMPLES = 5
 
 

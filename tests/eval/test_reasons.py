@@ -106,7 +106,9 @@ def test_metrics_against_hand_computed_values(checker):
     assert m["claims_per_reason"] == pytest.approx(5 / 3)
     assert m["grounded_share"] == pytest.approx(1 / 3)
     assert m["mean_words"] == pytest.approx((7 + 16 + 1) / 3)
-    assert m["degenerate_share"] == pytest.approx(1 / 3) and m["empty_share"] == 0.0
+    assert m["degenerate_share"] == pytest.approx(1 / 3) and m["empty_share"] == 0.0 and m["unique_share"] == 1.0
+    # The same reason twice (case and punctuation aside) and one other: 2 distinct of 3.
+    assert reason_metrics(["A rock song.", "a ROCK song", "A jazz song."], [[]] * 3)["unique_share"] == 2 / 3
     assert m["by_kind"]["mood"] == {"n": 1, "faithfulness": 0.0}
     assert m["by_kind"]["genre"] == {"n": 1, "faithfulness": 1.0}
     empty = reason_metrics(["", "  "], [[], []])
