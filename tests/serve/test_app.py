@@ -270,7 +270,8 @@ BAD_JSON_REQUESTS = [
 
 
 @pytest.mark.parametrize("path,body,status,field,text", BAD_JSON_REQUESTS,
-                         ids=[f"{p.rsplit('/', 1)[-1]}-{f}-{s}-{i}" for i, (p, _, s, f, _) in enumerate(BAD_JSON_REQUESTS)])
+                         ids=[f"{p.rsplit('/', 1)[-1]}-{f}-{s}-{i}"
+                              for i, (p, _, s, f, _) in enumerate(BAD_JSON_REQUESTS)])
 def test_bad_requests_get_a_clear_4xx(client, path, body, status, field, text):
     err(client.post(path, json=body), status, field, text)
 
@@ -304,7 +305,8 @@ def test_bad_parameters_malformed_bodies_and_the_server_keeps_serving(client, st
 
 
 def test_body_limit_refuses_10mb(client):
-    resp = client.post("/v1/embeddings", content=b"x" * (10 * 1024 * 1024), headers={"content-type": "application/json"})
+    resp = client.post("/v1/embeddings", content=b"x" * (10 * 1024 * 1024),
+                       headers={"content-type": "application/json"})
     err(resp, 413, None, "serve.max_body_bytes")
 
     def chunks():  # no Content-Length: cut off while streaming
