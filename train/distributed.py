@@ -69,11 +69,26 @@ def load_ds_config(path: str | Path) -> dict:
     return cfg
 
 
-def resolve_ds_config(cfg: dict, *, micro_batch: int, grad_accum: int, max_grad_norm: float, precision: str
-                      ) -> dict:
+# ZeRO buffer sizes that scale with the model, filled like transformers/accelerate do from the hidden size h. Fixed
+# sizes tuned for 7B (tens of MB per bucket) would dwarf a small model's savings from partitioning.
+HIDDEN_KEYS = {"zero_optimization.reduce_bucket_size": lambda h: h * h,
+               "zero_optimization.stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+               "zero_optimization.stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def resolve_ds_config(cfg: dict, *, micro_batch: int, grad_accum: int, max_grad_norm: float, precision: str,
+                      hidden_size: int | None = None) -> dict:
     """Fill the "auto" values the way accelerate/HF do, so the same JSON also feeds plain `deepspeed.initialize`.
-    Any "auto" left over is an error naming the key (DeepSpeed itself would fail later with a vaguer message)."""
+    Without `hidden_size`, hidden-size-based "auto" keys fall back to DeepSpeed's defaults (they are dropped).
+    Any other "auto" left over is an error naming the key (DeepSpeed would fail later with a vaguer message)."""
     out = copy.deepcopy(cfg)
+    for key, size in HIDDEN_KEYS.items():
+        if _get(out, key) == "auto":
+            if hidden_size:
+                _set(out, key, size(hidden_size))
+            else:
+                *parents, last = key.split(".")
+                del _get(out, ".".join(parents))[last]
     values = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
               "gradient_clipping": max_grad_norm,
               "bf16.enabled": precision == "bf16"}
@@ -88,8 +103,9 @@ def resolve_ds_config(cfg: dict, *, micro_batch: int, grad_accum: int, max_grad_
     return out
 
 
-def build_accelerator(train_cfg) -> Accelerator:
-    """An Accelerator for `train_cfg` (llmrec.config.TrainConfig) in whatever world the launcher started."""
+def build_accelerator(train_cfg, hidden_size: int | None = None, ds_overrides: dict | None = None) -> Accelerator:
+    """An Accelerator for `train_cfg` (llmrec.config.TrainConfig) in whatever world the launcher started;
+    `hidden_size` (the backbone's) sizes ZeRO's buckets; `ds_overrides` are merged into the DeepSpeed config."""
     on_gpu = torch.cuda.is_available()
     precision = mixed_precision(train_cfg.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / deepspeed / accelerate launch set it
@@ -105,7 +121,9 @@ def build_accelerator(train_cfg) -> Accelerator:
         from accelerate import DeepSpeedPlugin
         ds = resolve_ds_config(load_ds_config(train_cfg.deepspeed), micro_batch=train_cfg.batch_size,
                                grad_accum=train_cfg.grad_accum, max_grad_norm=train_cfg.max_grad_norm,
-                               precision=precision)
+                               precision=precision, hidden_size=hidden_size)
+        for key, value in (ds_overrides or {}).items():
+            _set(ds, key, value)
         # ZeRO-3: transformers' from_pretrained/from_config then build each layer already partitioned (zero.Init),
         # so no rank ever holds a whole 7B backbone; models built before this point are partitioned at prepare.
         stage3 = ds.get("zero_optimization", {}).get("stage") == 3
@@ -125,6 +143,17 @@ def _skip_deepspeed_shm_op() -> None:
         import deepspeed.comm.torch as ds_torch_comm
 
         ds_torch_comm.build_shm_op = lambda: None
+
+
+def backbone_hidden_size(model_cfg) -> int | None:
+    """The backbone's hidden size before it is loaded: the tiny preset's, or a local checkpoint's config.json."""
+    if model_cfg.backbone == "tiny":
+        return model_cfg.hidden_size
+    config = Path(model_cfg.backbone) / "config.json"
+    try:
+        return int(json.loads(config.read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # hub name or odd config: DeepSpeed's default bucket sizes
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -28,7 +28,7 @@ from llmrec.model.mm_lm import MMConfig, MultimodalLM
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
 from train.collate import MultimodalCollator, drop_modalities
-from train.distributed import build_accelerator, enable_gradient_checkpointing
+from train.distributed import backbone_hidden_size, build_accelerator, enable_gradient_checkpointing
 from train.export import export_bundle
 from train.loop import StepSampler, fit
 
@@ -36,7 +36,8 @@ EMBEDDINGS = "embeddings.safetensors"
 
 
 def _accelerator(cfg: Config) -> Accelerator:
-    return build_accelerator(cfg.train)  # one process, DDP or DeepSpeed ZeRO: the launcher + train.deepspeed decide
+    # one process, DDP or DeepSpeed ZeRO: the launcher + train.deepspeed decide
+    return build_accelerator(cfg.train, hidden_size=backbone_hidden_size(cfg.model))
 
 
 def _embed_prompts(songs, count_tokens=None, budget: int | None = None) -> dict[str, str]:

@@ -40,6 +40,19 @@ class Features:
     cover_present: torch.Tensor
 
 
+def local_param_mb(model: torch.nn.Module) -> float:
+    """Parameter storage this process holds: a ZeRO-3 partition (`ds_tensor`, plus the full tensor of parameters
+    below the persistence threshold) or the whole tensor."""
+    total = 0
+    for p in model.parameters():
+        part = getattr(p, "ds_tensor", None)
+        if part is None:
+            total += p.numel() * p.element_size()
+        else:
+            total += part.numel() * part.element_size() + (p.data.numel() * p.element_size() if p.ds_persist else 0)
+    return total / 2**20
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -119,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (kill tests)")
     ap.add_argument("--no-zero-init", action="store_true", help="ZeRO-3: build the backbone whole, then partition")
+    ap.add_argument("--ds-set", action="append", default=[], metavar="KEY=JSON",
+                    help="DeepSpeed config override, e.g. zero_optimization.stage3_max_live_parameters=1000000")
     args = ap.parse_args(argv)
 
     from llmrec.config import TrainConfig
@@ -129,18 +144,27 @@ def main(argv: list[str] | None = None) -> None:
     ds = STRATEGIES[args.strategy]
     tcfg = TrainConfig(batch_size=args.batch_size, mixed_precision="no",
                        deepspeed=str(CONFIGS / ds) if ds else None)
-    accelerator = build_accelerator(tcfg)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.ds_set)}
+    accelerator = build_accelerator(tcfg, hidden_size=args.hidden, ds_overrides=overrides)
     rank = accelerator.process_index
+    import train.stages  # noqa: F401 - the libraries `build` imports, so that they do not count as model memory
+    if ds and "zero3" in ds:
+        import deepspeed.runtime.zero.stage3  # noqa: F401
     rss_before_model = _rss_mb()
     zero_init = args.strategy.startswith("zero3") and not args.no_zero_init
     model, collate, reasons, ids, cf = build(args.hidden, args.layers, zero_init=zero_init)
+    rss_after_build = _rss_mb()
     lm_sampler = StepSampler(len(reasons), args.batch_size, seed=1)
     pair_sampler = StepSampler(len(ids), args.batch_size, seed=2)
     clock: list[float] = []
     tokens = [0]
+    first_step_rss, param_mb = [0.0], [0.0]
     train_peak = [0.0]  # peak RSS up to the last step, before `fit` gathers the full weights back (ZeRO-3)
 
     def loss_fn(step: int) -> torch.Tensor:
+        if not clock:
+            first_step_rss[0] = _rss_mb()  # after accelerator.prepare (DDP buckets / ZeRO partitions and buffers)
+            param_mb[0] = local_param_mb(model)
         clock.append(time.perf_counter())
         if args.step_sleep:
             time.sleep(args.step_sleep)
@@ -169,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     stats = {"strategy": args.strategy, "rank": rank, "world": accelerator.num_processes, "losses": losses,
              "step_times": step_times, "tokens": tokens[0], "wall_s": wall, "peak_rss_mb": _rss_mb(),
              "train_peak_rss_mb": train_peak[0],
-             "rss_before_model_mb": rss_before_model,
+             "rss_before_model_mb": rss_before_model, "rss_after_build_mb": rss_after_build,
+             "rss_after_prepare_mb": first_step_rss[0], "local_param_mb": param_mb[0],
              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "total": sum(p.numel() for p in model.parameters())}
     (args.out / f"stats_rank{rank}.json").write_text(json.dumps(stats))

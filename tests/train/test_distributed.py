@@ -14,9 +14,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from train.distributed import load_ds_config, resolve_ds_config
 from train.tinyjob import build, outputs
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 
@@ -28,6 +28,37 @@ def run_job(strategy: str, out: Path, *extra: str, port: int = 29517) -> subproc
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_shipped_configs_load_in_accelerate_and_in_plain_deepspeed(name, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from accelerate import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    path = ROOT / "train" / "configs" / f"{name}.json"
+    assert DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False).zero_stage == (2 if name == "zero2" else 3)
+    raw = load_ds_config(path)
+    assert raw["zero_force_ds_cpu_optimizer"] is False and raw["bf16"]["enabled"] == "auto"
+    ds = DeepSpeedConfig(resolve_ds_config(raw, micro_batch=3, grad_accum=2, max_grad_norm=0.5, precision="bf16",
+                                           hidden_size=64))
+    assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps, ds.gradient_clipping) == (3, 2, 0.5)
+    assert ds.zero_config.reduce_bucket_size == 64 * 64  # sized from the hidden size, as transformers does
+    if name != "zero2":
+        assert ds.zero_config.gather_16bit_weights_on_model_save
+    no_hidden = resolve_ds_config(raw, micro_batch=1, grad_accum=1, max_grad_norm=1.0, precision="no")
+    assert "auto" not in json.dumps(no_hidden)  # falls back to DeepSpeed's defaults
+
+
+def test_bad_deepspeed_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train.deepspeed: .*nope.json does not exist.*zero3.json"):
+        load_ds_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{stage: 3")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_ds_config(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"cannot fill 'auto' for \['optimizer.params.lr'\]"):
+        resolve_ds_config({"optimizer": {"params": {"lr": "auto"}}}, micro_batch=1, grad_accum=1, max_grad_norm=1.0,
+                          precision="no")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +75,7 @@ def jobs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_saved_weights_reload_to_the_workers_outputs(jobs, strategy):
     out = jobs(strategy)
@@ -68,6 +100,7 @@ def test_saved_weights_reload_to_the_workers_outputs(jobs, strategy):
         assert not torch.allclose(untrained[key], rank0[key], atol=1e-4), f"{key}: training changed nothing"
 
 
+@pytest.mark.slow
 def test_zero2_and_zero3_follow_the_same_trajectory(jobs):
     """Same data shards, same optimizer: how parameters are partitioned must not change the losses."""
     losses = {s: [json.loads((jobs(s) / f"stats_rank{r}.json").read_text())["losses"] for r in (0, 1)]
