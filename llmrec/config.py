@@ -24,10 +24,12 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """Size and shape of the embedded synthetic music catalog (the default dataset)."""
 
-    n_songs: int = 600  # back-catalogue songs, released before the split time
-    n_new_songs: int = 80  # released after the split time: no plays before it (cold start)
-    n_users: int = 300
-    n_artists: int = 60
+    # Sized so that install + the default `llmrec demo` stay under 10 minutes on 2 CPU cores; the generator scales to
+    # thousands of songs (`--set synthetic.n_songs=5000`).
+    n_songs: int = 400  # back-catalogue songs, released before the split time
+    n_new_songs: int = 60  # released after the split time: no plays before it (cold start)
+    n_users: int = 200
+    n_artists: int = 40
     days: int = 120  # length of the listening log
     test_days: int = 20  # the last `test_days` days are the test period (split time = start + days - test_days)
     events_per_user: float = 60.0  # mean listening events per user (log-normal around it)
@@ -110,10 +112,10 @@ class FeatureConfig:
 
 @dataclass
 class TrainConfig:
-    # Sized so that the default `llmrec demo` (680 songs, 4x256 backbone) trains in ~3-4 min on 2 CPU cores.
-    stage0_steps: int = 120
+    # Sized so that the default `llmrec demo` (460 songs, 4x256 backbone) trains in ~4 min on 2 CPU cores.
+    stage0_steps: int = 150
     stage1_steps: int = 50
-    stage2_steps: int = 120
+    stage2_steps: int = 100
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4
