@@ -122,6 +122,13 @@ def build_accelerator(train_cfg, hidden_size: int | None = None, ds_overrides: d
         ds = resolve_ds_config(load_ds_config(train_cfg.deepspeed), micro_batch=train_cfg.batch_size,
                                grad_accum=train_cfg.grad_accum, max_grad_norm=train_cfg.max_grad_norm,
                                precision=precision, hidden_size=hidden_size)
+        if precision == "bf16" and _get(ds, "bf16.enabled") is True and "torch_autocast" not in ds:
+            # DeepSpeed's bf16 mode casts every parameter to bf16, but media features arrive in fp32 and the
+            # projectors' LayerNorm refuses mixed dtypes. DeepSpeed's torch autocast keeps fp32 master parameters
+            # and runs matmuls in bf16 (checked on CPU with ZeRO-2/3), like accelerate's own bf16 without DeepSpeed.
+            ds["bf16"]["enabled"] = False
+            ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+            kw["mixed_precision"] = "no"  # DeepSpeed does the autocasting
         for key, value in (ds_overrides or {}).items():
             _set(ds, key, value)
         # ZeRO-3: transformers' from_pretrained/from_config then build each layer already partitioned (zero.Init),

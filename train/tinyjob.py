@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (kill tests)")
+    ap.add_argument("--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision")
     ap.add_argument("--no-zero-init", action="store_true", help="ZeRO-3: build the backbone whole, then partition")
     ap.add_argument("--ds-set", action="append", default=[], metavar="KEY=JSON",
                     help="DeepSpeed config override, e.g. zero_optimization.stage3_max_live_parameters=1000000")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.loop import StepSampler, fit
 
     ds = STRATEGIES[args.strategy]
-    tcfg = TrainConfig(batch_size=args.batch_size, mixed_precision="no",
+    tcfg = TrainConfig(batch_size=args.batch_size, mixed_precision=args.precision,
                        deepspeed=str(CONFIGS / ds) if ds else None)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.ds_set)}
     accelerator = build_accelerator(tcfg, hidden_size=args.hidden, ds_overrides=overrides)
