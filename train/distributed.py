@@ -147,9 +147,11 @@ def _skip_deepspeed_shm_op() -> None:
     only `inference_all_reduce` uses; training collectives go through torch.distributed (gloo). Returning None is
     DeepSpeed's own path for platforms without the op. LLMREC_DS_SHM=1 keeps it."""
     if os.environ.get("LLMREC_DS_SHM") != "1":
-        import deepspeed.comm.torch as ds_torch_comm
+        import importlib
 
-        ds_torch_comm.build_shm_op = lambda: None
+        # importlib, not `import deepspeed.comm.torch as m`: that name resolves to the `torch` package that
+        # deepspeed.comm re-exports, not to DeepSpeed's torch backend module.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def backbone_hidden_size(model_cfg) -> int | None:
