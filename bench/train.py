@@ -8,8 +8,8 @@ median step time after the first step, tokens/s over all processes (prompt+answe
 both embedding batches), and per-process peak RSS up to the last training step ("model" = that peak minus the RSS
 before the model was built, i.e. without the ~0.5 GB of imported libraries), and the parameter storage each
 process holds after `prepare` (ZeRO-3 keeps a 1/N partition). On CPU, RSS also counts allocator caching of ZeRO-3's
-transient all-gathered parameters, so at this small scale it need not fall with ZeRO-3 (see README). ZeRO-3 builds the backbone already
-partitioned (zero.Init), as from_pretrained does for a real checkpoint.
+transient all-gathered parameters, so at this small scale it need not fall with ZeRO-3 (see README). ZeRO-3
+builds the backbone already partitioned (zero.Init), as from_pretrained does for a real checkpoint.
 
 Also counts LoRA's trainable share of the backbone for the `base` preset on a meta-device Baichuan2-7B-shaped Llama
 (no weights allocated) and for the `tiny` preset. Prints a table; the last line is one JSON object.

@@ -86,6 +86,8 @@ def _save(accelerator: Accelerator, ckpt_dir: Path, step: int, losses: list[floa
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # each rank's own loss history (ranks see different data); progress.json carries rank 0's
+    (tmp / f"losses_rank{accelerator.process_index}.json").write_text(json.dumps(losses))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
@@ -147,6 +149,9 @@ def fit(
         accelerator.load_state(str(resume))
         state = json.loads((resume / "progress.json").read_text())
         start, losses = state["step"], state["losses"]
+        own = resume / f"losses_rank{accelerator.process_index}.json"
+        if own.is_file():
+            losses = json.loads(own.read_text())
         accelerator.print(f"{desc}: resumed from {resume} at step {start}")
     step_loss.train()
     bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,

@@ -34,10 +34,12 @@ def _local_dir(name_or_path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(name_or_path), local_files_only=os.environ.get("LLMREC_ALLOW_DOWNLOAD") != "1"))
+        local_only = os.environ.get("LLMREC_ALLOW_DOWNLOAD") != "1"
+        return Path(snapshot_download(str(name_or_path), local_files_only=local_only))
     except Exception as e:  # noqa: BLE001 - any hub/cache failure means the same thing to the user
         raise FileNotFoundError(f"backbone {str(name_or_path)!r} is neither a local directory nor in the Hugging "
-                                f"Face cache ({type(e).__name__}); set LLMREC_ALLOW_DOWNLOAD=1 to download it") from None
+                                f"Face cache ({type(e).__name__}); set LLMREC_ALLOW_DOWNLOAD=1 to download it"
+                                ) from None
 
 
 def load_backbone_4bit(name_or_path: str | os.PathLike, compute_dtype: torch.dtype | None = None):

@@ -86,7 +86,7 @@ def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lor
     cf = torch.randn(songs, 8, generator=g)
     if not zero_init:
         lm = build_tiny_llama(cfg.model, tok, seed=seed)
-    else:  # from_config honours ZeRO-3's zero.Init (transformers initialises the partitioned weights correctly), including transformers' weight init of partitioned tensors
+    else:  # from_config honours ZeRO-3's zero.Init, including transformers' init of partitioned weights
         with torch.device("meta"):
             config = build_tiny_llama(cfg.model, tok, seed=seed).config
         torch.manual_seed(seed)
