@@ -111,7 +111,8 @@ def stage0(cfg: Config, run: RunDir, catalog, accelerator, progress: bool):
 
     losses = fit(lm, lm.parameters(), loss_fn, steps=cfg.train.stage0_steps, lr=cfg.train.lr_stage0,
                  warmup_ratio=cfg.train.warmup_ratio, ckpt_dir=run.model / "ckpt-stage0",
-                 save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 0 (backbone)", progress=progress)
+                 save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 0 (backbone)", progress=progress,
+                 max_grad_norm=cfg.train.max_grad_norm)
     if accelerator.is_main_process:  # every rank holds the same trained weights after fit; one writes them
         with atomic_dir(out) as tmp:
             lm.save_pretrained(tmp)
@@ -150,7 +151,7 @@ def stage1(cfg: Config, run: RunDir, model: MultimodalLM, collate, accelerator, 
     losses = fit(model, model.parameters(), loss_fn, steps=cfg.train.stage1_steps, lr=cfg.train.lr_stage1,
                  warmup_ratio=cfg.train.warmup_ratio, ckpt_dir=run.model / "ckpt-stage1",
                  save_every=cfg.train.save_every, accelerator=accelerator, desc="stage 1 (projectors)",
-                 progress=progress)
+                 progress=progress, max_grad_norm=cfg.train.max_grad_norm)
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
             model.save_multimodal(tmp)
@@ -210,7 +211,7 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
 
     return fit(model, model.parameters(), loss_fn, steps=t.stage2_steps, lr=t.lr, warmup_ratio=t.warmup_ratio,
                ckpt_dir=run.model / "ckpt-stage2", save_every=t.save_every, accelerator=accelerator,
-               desc="stage 2 (LoRA + heads)", progress=progress)
+               desc="stage 2 (LoRA + heads)", progress=progress, max_grad_norm=t.max_grad_norm)
 
 
 # -------------------------------------------------------------------------------------------------- export
