@@ -70,10 +70,11 @@ class EncoderConfig:
 class ModelConfig:
     backbone: str = "tiny"  # `tiny` = Llama-architecture decoder built from scratch, or a hub name / local path
     tokenizer_vocab: int = 2000  # tiny backbone only: BPE vocabulary trained on the catalog text
-    hidden_size: int = 256
+    # 4 x 192: the widest tiny backbone that keeps install + the default demo under 10 minutes on 2 CPU cores.
+    hidden_size: int = 192
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 688
+    intermediate_size: int = 512
     max_positions: int = 512
     audio: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="tiny-hubert"))
     cover: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="tiny-vit", tokens=4))
@@ -112,10 +113,10 @@ class FeatureConfig:
 
 @dataclass
 class TrainConfig:
-    # Sized so that the default `llmrec demo` (460 songs, 4x256 backbone) trains in ~4 min on 2 CPU cores.
+    # Sized so that the default `llmrec demo` (460 songs, 4x192 backbone) trains in ~4 min on 2 CPU cores.
     stage0_steps: int = 150
     stage1_steps: int = 50
-    stage2_steps: int = 100
+    stage2_steps: int = 80
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-4

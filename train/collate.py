@@ -36,14 +36,21 @@ class MultimodalCollator:
 
     def encode(self, prompt: str, answer: str | None) -> tuple[list[int], int]:
         tok = self.tokenizer
-        prompt_ids = [tok.bos_token_id] + tok(expand_placeholders(prompt, self.audio_tokens, self.cover_tokens),
-                                              add_special_tokens=False).input_ids
+        text = expand_placeholders(prompt, self.audio_tokens, self.cover_tokens)
+        prompt_ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
         if len(prompt_ids) > self.max_length:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds train.max_length={self.max_length}; "
                              f"lower the prompt budget or raise max_length")
         if answer is None:
             return prompt_ids, len(prompt_ids)
-        answer_ids = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        # The answer follows the prompt after a space, as in running text ("Answer: You recently ..."): tokenised
+        # alone it would start with a no-space token ("You" instead of " You") that the backbone never sees after
+        # "Answer:" in stage 0's text, and generation after the prompt would start off-template.
+        joint = [tok.bos_token_id] + tok(f"{text} {answer}", add_special_tokens=False).input_ids
+        if joint[: len(prompt_ids)] == prompt_ids:
+            answer_ids = joint[len(prompt_ids):] + [tok.eos_token_id]
+        else:  # the tokenizer merged across the boundary: keep the prompt exact, tokenise the answer alone
+            answer_ids = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
         # Only the answer is cut when too long: placeholders in the prompt must keep their exact counts.
         return (prompt_ids + answer_ids)[: self.max_length], len(prompt_ids)
 

@@ -36,7 +36,8 @@ def test_labels_cover_the_answer_only(collate):
     batch = collate([{"prompt": f"{AUDIO_TOKEN} describe", "answer": "a slow piano song", "audio_song_ids": ["s1"]},
                      {"prompt": "describe this song please", "answer": "piano"}])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    answer = tok("a slow piano song", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    # the answer is tokenised as it follows the prompt in running text: after a space
+    answer = tok(" a slow piano song", add_special_tokens=False).input_ids + [tok.eos_token_id]
     row0 = labels[0][labels[0] != IGNORE].tolist()
     assert row0 == answer
     n_prompt = 1 + len(tok(f"{AUDIO_TOKEN * 2} describe", add_special_tokens=False).input_ids)
