@@ -44,17 +44,31 @@ def check_embed_prompt(model: MultimodalLM, ids: list[int]) -> None:
 
 
 class Engine(ABC):
-    """A loaded serving bundle that embeds songs and writes reasons, in batches."""
+    """A loaded serving bundle that embeds songs and writes reasons, in batches.
+
+    Subclasses set `model` (the MultimodalLM used for tokenisation, splicing and the head), `meta` (bundle.json)
+    and `max_positions` (the LM's context) in their constructor."""
 
     name: str = "engine"
+    model: MultimodalLM
+    meta: dict
+    max_positions: int
 
     @property
-    @abstractmethod
-    def embedding_dim(self) -> int: ...
+    def embedding_dim(self) -> int:
+        return int(self.model.cfg.embedding_dim)
 
     @property
-    @abstractmethod
-    def bundle_hash(self) -> str: ...
+    def bundle_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    def token_ids(self, item: EngineInput, reserve: int = 0) -> list[int]:
+        """`prompt_token_ids` of the item, refused clearly when it (+ `reserve` tokens to generate) overflows."""
+        ids = prompt_token_ids(self.model, item.prompt)
+        if len(ids) + reserve > self.max_positions:
+            raise ValueError(f"prompt of {len(ids)} tokens (+{reserve} to generate) exceeds the model's context of "
+                             f"{self.max_positions} tokens; shorten the text fields")
+        return ids
 
     @abstractmethod
     def embed(self, items: list[EngineInput]) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from llmrec.model.bundle import load_bundle
-from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media, prompt_token_ids
+from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media
 
 
 class HFEngine(Engine):
@@ -24,20 +24,6 @@ class HFEngine(Engine):
         self.model, self.meta = load_bundle(self.bundle_dir, dtype=dtype)
         self.max_positions = int(getattr(self.model.lm.config, "max_position_embeddings", 1 << 30))
 
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.model.cfg.embedding_dim)
-
-    @property
-    def bundle_hash(self) -> str:
-        return str(self.meta["content_hash"])
-
-    def token_ids(self, item: EngineInput, reserve: int = 0) -> list[int]:
-        ids = prompt_token_ids(self.model, item.prompt)
-        if len(ids) + reserve > self.max_positions:
-            raise ValueError(f"prompt of {len(ids)} tokens (+{reserve} to generate) exceeds the model's context of "
-                             f"{self.max_positions} tokens; shorten the text fields")
-        return ids
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)

@@ -35,7 +35,6 @@ from transformers import AutoTokenizer
 from llmrec.model.bundle import read_bundle_meta
 from llmrec.model.mm_lm import MultimodalLM, read_mm_config
 from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media
-from serve.engines.hf import HFEngine
 
 # vLLM's CPU backend forces `spawn` for its workers anyway; set it before vLLM is imported so the GPU build agrees
 # (forking a process that already runs torch threads can deadlock).
@@ -190,18 +189,6 @@ class VLLMEngine(Engine):
         except BaseException:
             self.close()
             raise
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.model.cfg.embedding_dim)
-
-    @property
-    def bundle_hash(self) -> str:
-        return str(self.meta["content_hash"])
-
-    # ------------------------------------------------------------------------------------------------ inputs
-    # The same tokenisation and context check as the transformers engine (uses `self.model`, `self.max_positions`).
-    token_ids = HFEngine.token_ids
 
     @torch.inference_mode()
     def prompt_embeds(self, item: EngineInput, ids: list[int]) -> dict:
