@@ -1,6 +1,6 @@
 """Turning requests into engine rows: catalog song ids, new songs (metadata + uploads) and histories -> EngineInput.
 
-Prompts are built exactly as training built them (`train.stages.item_prompts` for song embeddings, the stage-2
+Prompts are built exactly as training built them (`llmrec.model.mm_lm.item_prompt` for song embeddings, the stage-2
 prompt for reasons) and every text field passes through `llmrec.text`'s sanitiser on the way (the builders call
 `sanitize_song`). Media rows for catalog songs come from the run's feature shards; an uploaded or referenced file
 is decoded with `data_prep.audio` / `data_prep.image` and encoded with the run's frozen encoders, exactly as
@@ -21,8 +21,8 @@ import torch
 from data_prep.audio import MediaError, load_audio
 from data_prep.image import load_image
 from llmrec.config import Config
-from llmrec.model.mm_lm import MediaBatch, MMConfig
-from llmrec.text import build_embed_prompt, build_stage2_prompt, sanitize_text
+from llmrec.model.mm_lm import MediaBatch, MMConfig, item_prompt
+from llmrec.text import build_stage2_prompt, sanitize_text
 from serve.engines.base import EngineInput
 from train.collate import media_rows
 
@@ -36,17 +36,6 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str, status: int = 422):
         self.field, self.status = field, status
         super().__init__(f"{field}: {message}")
-
-
-def embed_prompt(song: Mapping[str, Any], tokenizer, mm_cfg: MMConfig, max_length: int, budget: int) -> str:
-    """One song's embedding prompt, identical to `train.stages.item_prompts` (asserted by the tests; not imported
-    from there because `train.stages` pulls the whole training stack into the server): both placeholders always
-    present, sized with the real tokenizer to at most `budget` tokens (cfg.prompt.song_budget) and to fit
-    `max_length` after each placeholder expands to K tokens."""
-    expansion = 2 * (mm_cfg.audio_tokens + mm_cfg.cover_tokens) + 2
-    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    return build_embed_prompt(song, media=lambda s: (True, True), count_tokens=count,
-                              budget=min(budget, max_length - expansion)).text
 
 
 # ------------------------------------------------------------------------------------------------ media
@@ -180,7 +169,7 @@ class SongInputs:
 
     # ------------------------------------------------------------------ engine rows
     def embed_input(self, song: Mapping[str, Any], media: SongMedia) -> EngineInput:
-        prompt = embed_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
+        prompt = item_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
                               self.cfg.prompt.song_budget)
         return EngineInput(prompt, media_batch([media], [0], [0], self.mm))
 
@@ -188,7 +177,7 @@ class SongInputs:
         # A catalog song's prompt never changes: build it once (fitting it to the budget tokenises it many times).
         song = self.song(song_id, field)
         if song_id not in self._prompts:
-            self._prompts[song_id] = embed_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
+            self._prompts[song_id] = item_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
                                                   self.cfg.prompt.song_budget)
         return EngineInput(self._prompts[song_id], media_batch([self.media(song_id)], [0], [0], self.mm))
 

@@ -24,7 +24,7 @@ from llmrec.features import load_media_features
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
 from llmrec.model.backbone import build_tiny_llama, load_backbone, train_bpe_tokenizer
 from llmrec.model.losses import info_nce
-from llmrec.model.mm_lm import MMConfig, MultimodalLM
+from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
 from train.collate import MultimodalCollator, drop_modalities
@@ -40,22 +40,11 @@ def _accelerator(cfg: Config) -> Accelerator:
     return build_accelerator(cfg.train, hidden_size=backbone_hidden_size(cfg.model))
 
 
-def _embed_prompts(songs, count_tokens=None, budget: int | None = None) -> dict[str, str]:
-    """Item prompts: both placeholders always present (a missing modality gets the learned missing embedding),
-    so late fusion sees one audio and one cover row per song. With the real tokenizer's `count_tokens` and a
-    budget, every prompt is guaranteed to fit the model's context."""
-    both = lambda song: (True, True)  # noqa: E731
-    kw = {"count_tokens": count_tokens, "budget": budget} if count_tokens else {}
-    return {row["song_id"]: build_embed_prompt(row, media=both, **kw).text for row in songs.to_dict("records")}
-
-
 def item_prompts(songs, tokenizer, mm_cfg: MMConfig, max_length: int, budget: int) -> dict[str, str]:
-    """The embedding prompt of every song, sized with the real tokenizer: at most `budget` tokens (pass
-    `cfg.prompt.song_budget`, as training does, so served embeddings match) and always short enough to fit
-    `max_length` after the placeholders expand to K tokens each."""
-    expansion = 2 * (mm_cfg.audio_tokens + mm_cfg.cover_tokens) + 2
-    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    return _embed_prompts(songs, count, min(budget, max_length - expansion))
+    """The embedding prompt of every song (`llmrec.model.mm_lm.item_prompt`; pass `cfg.prompt.song_budget`, as
+    training does, so served embeddings match)."""
+    return {row["song_id"]: item_prompt(row, tokenizer, mm_cfg, max_length, budget)
+            for row in songs.to_dict("records")}
 
 
 def _rows_that_fit(rows: list[dict], collate: MultimodalCollator, name: str) -> list[dict]:
@@ -80,7 +69,10 @@ def _rows_that_fit(rows: list[dict], collate: MultimodalCollator, name: str) -> 
 
 def _corpus(catalog, examples_dir: Path) -> list[str]:
     """Text the tiny backbone learns the language from: song blocks plus the training captions and reasons."""
-    texts = list(_embed_prompts(catalog.songs).values())
+    # Song blocks as the item prompts show them (both placeholders), sized by the approximate counter: the tokenizer
+    # this text trains does not exist yet.
+    both = lambda song: (True, True)  # noqa: E731
+    texts = [build_embed_prompt(row, media=both).text for row in catalog.songs.to_dict("records")]
     for split in ("stage1", "stage2"):
         ds = load_from_disk(str(examples_dir / split))
         texts += [f"{p} {a}" for p, a in zip(ds["prompt"], ds["answer"])]

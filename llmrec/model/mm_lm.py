@@ -18,7 +18,7 @@ from torch import nn
 
 from llmrec.model.heads import EmbeddingHead, IDMappingHead
 from llmrec.model.projector import ModalityProjector
-from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN
+from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN, build_embed_prompt
 
 MM_WEIGHTS = "multimodal.safetensors"
 MM_CONFIG = "multimodal.json"
@@ -51,6 +51,18 @@ class MMConfig:
 def expand_placeholders(text: str, audio_tokens: int, cover_tokens: int) -> str:
     """Repeat each placeholder K times so that its token count equals the number of projected vectors."""
     return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * audio_tokens).replace(COVER_TOKEN, COVER_TOKEN * cover_tokens)
+
+
+def item_prompt(song, tokenizer, cfg: MMConfig, max_length: int, budget: int) -> str:
+    """One song's embedding prompt — the one rule shared by training (`train.stages.item_prompts`) and serving
+    (`serve.inputs`), so served embeddings match the trained ones. Both placeholders are always present (a missing
+    modality gets the learned missing embedding, and late fusion sees one audio and one cover row per song); the
+    text is sized with the real tokenizer to at most `budget` tokens (cfg.prompt.song_budget) and always fits
+    `max_length` after each placeholder expands to K tokens."""
+    expansion = 2 * (cfg.audio_tokens + cfg.cover_tokens) + 2
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    return build_embed_prompt(song, media=lambda s: (True, True), count_tokens=count,
+                              budget=min(budget, max_length - expansion)).text
 
 
 class MultimodalLM(nn.Module):

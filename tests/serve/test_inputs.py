@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 from transformers import AutoTokenizer
 
-from llmrec.model.mm_lm import read_mm_config
-from serve.inputs import RequestError, embed_prompt, resolve_media_path
+from llmrec.model.mm_lm import item_prompt, read_mm_config
+from serve.inputs import RequestError, resolve_media_path
 from train.stages import item_prompts
 
 
@@ -15,9 +15,9 @@ def test_server_song_prompt_equals_training_item_prompt(tiny_bundle, synthetic_c
     songs = synthetic_catalog.songs.head(12)
     want = item_prompts(songs, tok, mm, 256, 96)
     for row in songs.to_dict("records"):
-        assert embed_prompt(row, tok, mm, 256, 96) == want[row["song_id"]]
+        assert item_prompt(row, tok, mm, 256, 96) == want[row["song_id"]]
     assert item_prompts(pd.DataFrame([{"song_id": "x", "title": "T", "artist": "A"}]), tok, mm, 60, 500)["x"] == \
-        embed_prompt({"song_id": "x", "title": "T", "artist": "A"}, tok, mm, 60, 500)
+        item_prompt({"song_id": "x", "title": "T", "artist": "A"}, tok, mm, 60, 500)
 
 
 def test_media_paths_resolve_inside_roots_only(tmp_path):
