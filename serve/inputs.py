@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -74,41 +75,39 @@ class MediaCodec:
                 self._encoder = MediaEncoder.load(self.cfg.model, self.encoders_dir, seed=self.cfg.seed)
             return self._encoder
 
-    def _file(self, data: bytes | None, path: Path | None, suffix: str):
-        if path is not None:
-            return path, None
-        tmp = tempfile.NamedTemporaryFile(prefix="llmrec-upload-", suffix=suffix, delete=False)
-        with tmp:
-            tmp.write(data)
-        return Path(tmp.name), tmp.name
+    @staticmethod
+    @contextmanager
+    def _media_file(data: bytes | None, path: Path | None, suffix: str, field: str, what: str):
+        """The upload as a file (a temporary one for bytes, removed afterwards) for the data_prep decoders; a file
+        they cannot use becomes a 4xx naming the field."""
+        tmp_name = None
+        if path is None:
+            with tempfile.NamedTemporaryFile(prefix="llmrec-upload-", suffix=suffix, delete=False) as tmp:
+                tmp.write(data)
+            path = tmp_name = Path(tmp.name)
+        try:
+            yield path
+        except MediaError as e:
+            raise RequestError(field, f"not {what} ({e.reason})") from None
+        finally:
+            if tmp_name is not None:
+                os.unlink(tmp_name)
 
     def audio(self, data: bytes | None = None, path: Path | None = None, field: str = "audio") -> torch.Tensor:
         enc = self.encoder
-        file, cleanup = self._file(data, path, ".audio")
-        try:
+        with self._media_file(data, path, ".audio", field, "usable audio") as file:
             wave = load_audio(file, enc.audio_cfg.sample_rate, windows=enc.audio_cfg.windows,
                               window_seconds=enc.audio_cfg.window_seconds,
                               max_seconds=self.cfg.features.max_audio_seconds)
             with self._lock:
                 return enc.encode_audio(wave)
-        except MediaError as e:
-            raise RequestError(field, f"not usable audio ({e.reason})") from None
-        finally:
-            if cleanup:
-                os.unlink(cleanup)
 
     def cover(self, data: bytes | None = None, path: Path | None = None, field: str = "cover") -> torch.Tensor:
         enc = self.encoder
-        file, cleanup = self._file(data, path, ".image")
-        try:
+        with self._media_file(data, path, ".image", field, "a usable image") as file:
             img = load_image(file, max_pixels=self.cfg.features.max_image_pixels)
             with self._lock:
                 return enc.encode_image(img)
-        except MediaError as e:
-            raise RequestError(field, f"not a usable image ({e.reason})") from None
-        finally:
-            if cleanup:
-                os.unlink(cleanup)
 
 
 # ------------------------------------------------------------------------------------------------ songs
