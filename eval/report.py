@@ -14,9 +14,12 @@ Protocol (DESIGN.md, "Evaluation"):
   `{"empty": true}` for every model, never as zeros.
 * Models: random, mostpop, itemknn, als, bpr (CF; hyperparameters tuned on a validation split carved out of the
   training part), text (ContentKNN on sentence embeddings of the song text), text2cf (ridge map from text to ALS
-  factors for cold songs) and, once `llmrec train` has written `model/embeddings.safetensors`, llmrec (ContentKNN on
-  the LLM's song embeddings) and hybrid (the best-validating CF model blended with llmrec on warm songs, llmrec
-  alone on cold songs).
+  factors for cold songs) and, once `llmrec train` has written `model/embeddings.safetensors`, llmrec (the LLM's
+  song embeddings scored with the user tower named by `eval.user_tower`; the other tower is reported as
+  `llmrec-<tower>`) and hybrid (the best-validating CF model blended with llmrec on warm songs, llmrec alone on
+  cold songs).
+* Content models that pool history vectors (text, llmrec-history) remove the catalogue's mean vector first
+  (ContentKNN(center=True)): the same treatment for every content model, so no baseline is weakened.
 """
 from __future__ import annotations
 
@@ -63,7 +66,8 @@ RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULTS = {"itemknn": {"k": 100, "shrink": 10.0}, "als": {"factors": 64, "regularization": 0.1, "alpha": 10.0},
             "bpr": {"factors": 64, "learning_rate": 0.01, "regularization": 0.01, "iterations": 300},
-            "text2cf": {"alpha": 10.0}, "hybrid": {"weight": 0.5, "cf": "als"}}
+            "text2cf": {"alpha": 10.0}, "llmrec": {"alpha": 10.0}, "hybrid": {"weight": 0.5, "cf": "als"}}
+USER_TOWERS = ("cf", "history")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -291,9 +295,10 @@ def inner_validation(train_df: pd.DataFrame, seed: int) -> Split:
 
 
 def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.ndarray | None, seed: int,
-         progress: bool) -> Tuned:
-    """Grid-search the CF hyperparameters on warm validation recall@20, then the ridge strength of text2cf on cold
-    validation songs and the hybrid blend weight on all validation songs. The test part is never touched."""
+         progress: bool, user_tower: str = "cf") -> Tuned:
+    """Grid-search the CF hyperparameters on warm validation recall@20, then the ridge strengths of text2cf and
+    llmrec's CF tower on cold validation songs and the hybrid blend weight on all validation songs. The test part
+    is never touched."""
     inner = inner_validation(train_df, seed)
     d = build_data(catalog, inner.train, inner.test, seed)
     tuned = Tuned(how=f"grid search on an item hold-out of the training part ({len(inner.train)} fit / "
@@ -311,17 +316,20 @@ def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.nda
         _search(name, more, lambda p: make(p, seed), warm_score, tuned, incumbent=best)
 
     als = _als(tuned.params["als"], seed).fit(d.train)
-    _search("text2cf", [{"alpha": a} for a in RIDGE_ALPHAS],
-            lambda p: RidgeContentToCF(text, als, fit_cf=False, **p),
-            lambda m: validation_recall(m.fit(d.train), d, cold_valid, candidates=cold_cand),
-            tuned)
+    def cold_score(model: Recommender) -> float:
+        return validation_recall(model.fit(d.train), d, cold_valid, candidates=cold_cand)
+
+    _search("text2cf", [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: RidgeContentToCF(text, als, fit_cf=False, **p),
+            cold_score, tuned)
     if llm is not None:
+        _search("llmrec", [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: llmrec_model(llm, "cf", als, p["alpha"]),
+                cold_score, tuned)
         # The hybrid blends llmrec with the CF model that validates best on warm songs (not always ALS: ItemKNN
         # wins on the synthetic catalog), so that it is compared with the strongest CF partner available.
         cf_name = max(("itemknn", "als", "bpr"), key=lambda m: max(r["valid_recall@20"] for r in tuned.log[m]))
         cf = {"itemknn": lambda: ItemKNN(**tuned.params["itemknn"]), "als": lambda: als,
               "bpr": lambda: _bpr(tuned.params["bpr"], seed)}[cf_name]().fit(d.train)
-        content = ContentKNN(llm).fit(d.train)
+        content = llmrec_model(llm, user_tower, als, tuned.params["llmrec"]["alpha"]).fit(d.train)
         _search("hybrid", [{"weight": w, "cf": cf_name} for w in BLEND_WEIGHTS],
                 lambda p: Hybrid(cf, content, d.warm, p["weight"]),
                 lambda m: validation_recall(m.fit(d.train), d, d.test), tuned)
@@ -341,17 +349,32 @@ def _bpr(params: dict, seed: int) -> BPR:
 
 
 def default_params(llm: bool) -> Tuned:
-    params = {k: dict(v) for k, v in DEFAULTS.items() if llm or k != "hybrid"}
+    params = {k: dict(v) for k, v in DEFAULTS.items() if llm or k not in ("hybrid", "llmrec")}
     return Tuned(params=params)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def llmrec_model(vectors: np.ndarray, user_tower: str, als: Recommender, alpha: float) -> Recommender:
+    """Song embeddings scored against a user by one of USER_TOWERS (see `EvalConfig.user_tower`).
+
+    `cf`: ALS user factors (fitted on train, shared with the `als` entry) against every song's embedding mapped
+    into ALS item space — warm songs too (`replace_warm`), so the ranking depends on the embeddings alone and the
+    CF/content blend stays the hybrid's job. The map is the same ridge regression as text2cf, so llmrec vs text2cf
+    compares the two song representations under one user tower. `history`: centred ContentKNN."""
+    if user_tower == "cf":
+        return RidgeContentToCF(vectors, als, fit_cf=False, alpha=alpha, replace_warm=True)
+    if user_tower == "history":
+        return ContentKNN(vectors, center=True)
+    raise ValueError(f"eval.user_tower {user_tower!r} is not supported; choose one of {list(USER_TOWERS)}")
+
+
 def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm: dict[str, np.ndarray],
-                 seed: int) -> dict[str, Recommender]:
+                 seed: int, user_tower: str = "cf") -> dict[str, Recommender]:
     """Every model, fitted on the training part. `llm` maps a model name (`llmrec`, `llmrec-<variant>`) to its
-    aligned song vectors; empty before training."""
+    aligned song vectors; empty before training. `llmrec` and its modality variants use `user_tower`; the full
+    embeddings are also scored with the other tower, as `llmrec-<other tower>`."""
     x = data.train
     models: dict[str, Recommender] = {
         "random": RandomRec(seed=seed).fit(x),
@@ -359,11 +382,16 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
         "itemknn": ItemKNN(**params["itemknn"]).fit(x),
         "als": _als(params["als"], seed).fit(x),
         "bpr": _bpr(params["bpr"], seed).fit(x),
-        "text": ContentKNN(text).fit(x),
+        "text": ContentKNN(text, center=True).fit(x),
     }
     models["text2cf"] = RidgeContentToCF(text, models["als"], fit_cf=False, **params["text2cf"]).fit(x)
+    alpha = params.get("llmrec", DEFAULTS["llmrec"])["alpha"]
     for name, vectors in llm.items():
-        models[name] = ContentKNN(vectors).fit(x)
+        models[name] = llmrec_model(vectors, user_tower, models["als"], alpha).fit(x)
+    if "llmrec" in llm:
+        for other in USER_TOWERS:
+            if other != user_tower:
+                models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha).fit(x)
     if "llmrec" in models:
         blend = params["hybrid"]
         models["hybrid"] = Hybrid(models[blend.get("cf", "als")], models["llmrec"], data.warm, blend["weight"]).fit(x)
@@ -466,10 +494,12 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
         notes.append(f"text: {missing_text} catalogue songs have no text features (they score 0)")
     llm = load_llm_vectors(run, data.song_ids, notes)
     t_tune = time.perf_counter()
-    tuned = (tune(catalog, train_df, text, llm.get("llmrec"), cfg.seed, progress) if cfg.eval.tune
-             else default_params("llmrec" in llm))
+    if cfg.eval.user_tower not in USER_TOWERS:
+        raise ValueError(f"eval.user_tower {cfg.eval.user_tower!r} is not supported; choose one of {list(USER_TOWERS)}")
+    tuned = (tune(catalog, train_df, text, llm.get("llmrec"), cfg.seed, progress, cfg.eval.user_tower)
+             if cfg.eval.tune else default_params("llmrec" in llm))
     t_fit = time.perf_counter()
-    models = build_models(data, tuned.params, text, llm, cfg.seed)
+    models = build_models(data, tuned.params, text, llm, cfg.seed, cfg.eval.user_tower)
     results, per_user = evaluate_models(models, data, ks, progress)
     t_reasons = time.perf_counter()
     reasons = evaluate_reasons(cfg, run, catalog, train_df, positives(split.test), progress)

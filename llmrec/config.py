@@ -176,6 +176,11 @@ class EvalConfig:
     valid_days: int = 0
     bootstrap: int = 1000
     tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/report.py)
+    # How `llmrec` scores a user against song embeddings (the other tower is reported too, as llmrec-<tower>):
+    # `cf` = a CF user tower: ALS user factors against the song embeddings mapped into ALS item space by a ridge
+    # map fitted on warm songs (every song goes through its embedding, so it is still a pure content model);
+    # `history` = cosine to the mean of the user's history embeddings (catalogue mean removed).
+    user_tower: str = "cf"
     # Reason quality (eval/reasons.py): held-out plays explained by the bundle and checked against the catalog;
     # small so that the demo's eval stays fast on CPU (0 turns generation off).
     reasons: int = 16

@@ -245,3 +245,15 @@ def test_factory_rejects_unknown_name_listing_valid_ones():
     assert "svd++" in msg
     for name in ("random", "mostpop", "itemknn", "als", "bpr"):
         assert name in msg
+
+
+def test_contentknn_center_removes_the_shared_direction():
+    # Two groups that differ only by a small residual on top of a large common offset (an anisotropic space):
+    # raw cosines are all ~1; after removing the catalogue mean the groups are opposite (cosine -1 by hand:
+    # residuals (+.5, -.5) and (-.5, +.5)). The all-zero row (an item without a vector) stays 0.
+    vectors = np.array([[10.0, 1.0, 0.0], [10.0, 1.0, 0.0], [10.0, 0.0, 1.0], [10.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    history = sp.csr_matrix(np.array([[1, 0, 0, 0, 0]], dtype=np.float32))
+    raw = B.ContentKNN(vectors).fit(history).score(np.array([0]), history)[0]
+    centered = B.ContentKNN(vectors, center=True).fit(history).score(np.array([0]), history)[0]
+    assert raw[2] > 0.99
+    np.testing.assert_allclose(centered, [1.0, 1.0, -1.0, -1.0, 0.0], atol=1e-6)

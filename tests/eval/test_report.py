@@ -129,6 +129,28 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     cold = report["results"]["cold"]
     assert cold["llmrec"]["recall@20"] > cold["random"]["recall@20"]
     assert "llmrec - text" in report["headline"]["cold"]["differences"]
+    assert "llmrec" in report["hyperparameters"]  # the CF tower's ridge strength is tuned like text2cf's
+    assert cold["llmrec-history"]["recall@20"] > cold["random"]["recall@20"]  # the other user tower, reported
+
+
+def test_llmrec_cf_tower_scores_every_song_through_its_embedding():
+    import scipy.sparse as sp
+    from eval.baselines import ALS
+
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((rng.random((30, 12)) < 0.4).astype(np.float32))
+    train[:, 11] = 0  # item 11 is cold
+    train.eliminate_zeros()
+    vectors = rng.normal(size=(12, 5))
+    vectors[11] = vectors[0]  # a cold song with the same embedding as a warm one
+    als = ALS(factors=4, iterations=5, random_state=0).fit(train)
+    model = rep.llmrec_model(vectors, "cf", als, alpha=1.0).fit(train)
+    # Warm songs are scored through the mapped embedding too, not through their ALS factors.
+    np.testing.assert_allclose(model.item_factors, model.regressor.predict(vectors))
+    scores = model.score(np.arange(30), train)
+    np.testing.assert_allclose(scores[:, 11], scores[:, 0], rtol=1e-5)
+    with pytest.raises(ValueError, match="user_tower"):
+        rep.llmrec_model(vectors, "users", als, alpha=1.0)
 
 
 def test_empty_cold_slice_is_reported_as_empty_not_zero(tmp_path, synthetic_catalog, eval_cfg):
@@ -151,7 +173,7 @@ def test_empty_cold_slice_is_reported_as_empty_not_zero(tmp_path, synthetic_cata
     assert report["headline"]["cold"] == {"empty": True}
     assert out["recall@20 (cold)"] == "empty slice"
     assert "Empty slice" in (run.eval / "report.md").read_text()
-    assert report["hyperparameters"] == {k: v for k, v in rep.DEFAULTS.items() if k != "hybrid"}
+    assert report["hyperparameters"] == {k: v for k, v in rep.DEFAULTS.items() if k not in ("hybrid", "llmrec")}
 
 
 def test_missing_catalog_names_the_prepare_stage(tmp_path, eval_cfg, capsys):
