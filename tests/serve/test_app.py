@@ -141,7 +141,9 @@ def test_cold_start_song_with_uploads_base64_and_multipart_agree(client, state):
     assert len(nb) == 5 and all(n["song_id"] in state.index.position for n in nb)
     scores = [n["score"] for n in nb]
     assert scores == sorted(scores, reverse=True)
-    exact = state.index.embeddings @ np.array(entry["embedding"], dtype=np.float32)
+    # The index ranks by cosine in its centred space (serve/index.py): check against that, computed here.
+    query = state.index.centred(np.array([entry["embedding"]], dtype=np.float32))[0]
+    exact = state.index.centred(state.index.embeddings) @ query
     assert nb[0]["song_id"] == state.index.song_ids[int(exact.argmax())]
 
 
@@ -186,9 +188,8 @@ def test_recommendations_for_a_user_exclude_seen_and_carry_reasons(client, state
 def test_recommendations_from_history_and_explanations(client, state):
     history = state.index.song_ids[10:13]
     recs = client.post("/v1/recommendations", json={"history": history, "k": 3, "reasons": False}).json()["data"]
-    query = state.index.vectors(history).mean(0)
-    query /= np.linalg.norm(query)
-    scores = state.index.embeddings @ query
+    query = state.index.centred(state.index.vectors(history).mean(0, keepdims=True))[0]
+    scores = state.index.centred(state.index.embeddings) @ query  # cosine in the index's centred space
     scores[[state.index.position[s] for s in history]] = -np.inf
     assert recs[0]["song_id"] == state.index.song_ids[int(scores.argmax())]
     exp = client.post("/v1/explanations", json={"history": history, "song_id": recs[0]["song_id"],

@@ -68,3 +68,20 @@ def test_bad_builds_are_refused(catalogue, tmp_path):
         SongIndex.build(bad, ids[:2], "h")
     with pytest.raises(FileNotFoundError, match="llmrec serve --build-index"):
         load_index(tmp_path / "nothing", "h")
+
+
+def test_search_ranks_in_the_centred_space(tmp_path):
+    # An anisotropic catalogue: two groups that differ by a small residual on a large shared direction. Raw
+    # cosines between the groups are ~0.995; with the catalogue mean (10, .5, .5) removed they are -1 (by hand).
+    raw = unit(np.array([[10.0, 1.0, 0.0], [10.0, 1.0, 0.0], [10.0, 0.0, 1.0], [10.0, 0.0, 1.0]]))
+    ids = ["a1", "a2", "b1", "b2"]
+    index = SongIndex.build(raw, ids, "c" * 64)
+    hits = dict(index.search(raw[:1], 4)[0])
+    assert hits["a2"] == pytest.approx(1.0, abs=1e-5) and hits["b1"] == pytest.approx(-1.0, abs=1e-5)
+    np.testing.assert_array_equal(index.vectors(["b2"]), raw[3:4])  # stored vectors stay as the model wrote them
+    # A song added later is centred with the build-time mean, and the mean survives save/load.
+    index.add(raw[2:3], ["b3"])
+    index.save(tmp_path / "index")
+    loaded = load_index(tmp_path / "index", "c" * 64)
+    np.testing.assert_allclose(loaded.center, index.center)
+    assert dict(loaded.search(raw[2:3], 5)[0])["b3"] == pytest.approx(1.0, abs=1e-5)
