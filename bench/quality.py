@@ -6,7 +6,9 @@ For each dataset it prepares the catalog into `<run-root>/<dataset>/` (the synth
 shrinks it — lastfm-2k is a fixed public set and always runs in full), runs the evaluation there (`eval/report.*`)
 and prints recall@20 / ndcg@20 per slice and model. The last line is one JSON object: per dataset and slice, both
 metrics for every model, the best CF model, and the ratios llmrec/best_cf, hybrid/best_cf, llmrec/text and
-llmrec/text2cf on recall@20, plus the modality-ablation probes where the catalog has ground truth.
+llmrec/text2cf on recall@20, the long-tail figures (tail share of the top 20 against ALS's, and the NDCG@20 given
+up for it, on `all`), cold recall@20 of each modality ablation, plus the modality-ablation probes where the catalog
+has ground truth.
 
 llmrec itself is trained in the same run (`llmrec prepare`, `features`, `train`) for the datasets named by
 `--train` (default: the synthetic one; `--train all` also trains on lastfm-2k — tens of minutes on 2 cores).
@@ -33,7 +35,8 @@ from llmrec.io import atomic_write_text, open_run_dir  # noqa: E402
 from train.stages import run_train  # noqa: E402
 
 DATASETS = ("synthetic", "lastfm")
-METRICS = ("recall@20", "ndcg@20")
+METRICS = ("recall@20", "ndcg@20", "tail_share@20")
+ABLATION_MODELS = ("llmrec-text", "llmrec-text+audio", "llmrec-text+cover", "llmrec")
 RATIOS = (("llmrec", "best_cf"), ("hybrid", "best_cf"), ("llmrec", "text"), ("llmrec", "text2cf"))
 
 
@@ -55,7 +58,7 @@ def summarise(report: dict) -> dict:
         if report["split"]["slices"][slice_name]["empty"]:
             out[slice_name] = {"empty": True}
             continue
-        models = {m: {k: round(r[k], 4) for k in METRICS} for m, r in rows.items()}
+        models = {m: {k: round(r[k], 4) for k in METRICS if k in r} for m, r in rows.items()}  # no tail on cold
         cf = best_cf(rows)
         recall = {m: v["recall@20"] for m, v in models.items()}
         recall["best_cf"] = recall.get(cf)
@@ -78,7 +81,10 @@ def print_table(name: str, report: dict, summary: dict) -> None:
             print(f"{slice_name:6s} (empty slice)")
             continue
         for metric in METRICS:
-            cells = "".join(f"{s['models'][m][metric]:10.4f}" if m in s["models"] else f"{'-':>10s}" for m in models)
+            if not any(metric in v for v in s["models"].values()):
+                continue
+            cells = "".join(f"{s['models'][m][metric]:10.4f}" if metric in s["models"].get(m, {}) else f"{'-':>10s}"
+                            for m in models)
             print(f"{slice_name:6s} {metric:10s}{cells}")
     for slice_name in SLICES:
         s = summary[slice_name]
@@ -105,6 +111,35 @@ def run_dataset(name: str, quick: bool, run_root: Path, train: bool) -> tuple[di
     run_eval(cfg, run, args)
     report = json.loads((run.eval / "report.json").read_text())
     return report, summarise(report), time.perf_counter() - t0
+
+
+def long_tail(summary: dict) -> dict | None:
+    """The Matthew-effect figures on `all` (one ranking over the whole catalogue): for hybrid and llmrec, the tail
+    share of their top 20 relative to ALS's, and their NDCG@20 change relative to ALS (negative = a loss)."""
+    s = summary.get("all", {})
+    if s.get("empty") or "als" not in s.get("models", {}):
+        return None
+    als = s["models"]["als"]
+    out = {}
+    for m in ("hybrid", "llmrec"):
+        if m in s["models"]:
+            r = s["models"][m]
+            out[m] = {"tail_share@20": r["tail_share@20"], "tail_share_vs_als": ratio(r["tail_share@20"],
+                                                                                      als["tail_share@20"]),
+                      "ndcg@20_change_vs_als": None if not als["ndcg@20"] else round(r["ndcg@20"] / als["ndcg@20"] - 1, 4)}
+    for m, v in out.items():
+        print(f"long tail ({m} vs als, all slice): tail share x{v['tail_share_vs_als']}, "
+              f"ndcg@20 change {v['ndcg@20_change_vs_als']:+.1%}")
+    return {"als_tail_share@20": als["tail_share@20"], **out} if out else None
+
+
+def cold_modalities(summary: dict) -> dict | None:
+    """Cold recall@20 of the modality ablations (the same trained model with modalities shown as missing)."""
+    s = summary.get("cold", {})
+    if s.get("empty"):
+        return None
+    found = {m: s["models"][m]["recall@20"] for m in ABLATION_MODELS if m in s["models"]}
+    return found if len(found) > 1 else None
 
 
 def ablation_summary(report: dict) -> dict | None:
@@ -138,6 +173,17 @@ def results_markdown(result: dict) -> str:
             out.append(f"| {slice_name} | {s['best_cf']} | {cell(rec.get(s['best_cf']))} | {cell(rec.get('text'))} | "
                        f"{cell(rec.get('text2cf'))} | {cell(rec.get('llmrec'))} | {cell(rec.get('hybrid'))} | "
                        + " | ".join(cell(v) for v in s["ratios"].values()) + " |")
+        tail = d.get("long_tail")
+        if tail:
+            out += ["", f"Long tail (`all` slice, top 20): ALS puts {tail['als_tail_share@20']:.3f} of its "
+                        "recommendations outside the top 20% of songs by plays.", ""]
+            out += [f"- {m}: tail share {v['tail_share@20']:.3f} = {v['tail_share_vs_als']:.2f}x ALS's, NDCG@20 "
+                    f"{v['ndcg@20_change_vs_als']:+.1%} vs ALS." for m, v in tail.items() if isinstance(v, dict)]
+        mods = d.get("cold_modalities")
+        if mods:
+            out += ["", "Cold recall@20 by modality (the trained model with the others shown as missing):", "",
+                    "| " + " | ".join(mods) + " |", "|" + "---:|" * len(mods),
+                    "| " + " | ".join(f"{v:.3f}" for v in mods.values()) + " |"]
         probes = d.get("ablation")
         if probes:
             attrs = list(probes["chance"])
@@ -170,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         result["datasets"][name] = {"dataset": report["dataset"], "item_kind": report["item_kind"],
                                     "split": report["split"]["kind"], "seconds": round(seconds, 1),
                                     "llmrec_trained": train, "hyperparameters": report["hyperparameters"],
-                                    "slices": summary, "ablation": ablation_summary(report)}
+                                    "slices": summary, "long_tail": long_tail(summary),
+                                    "cold_modalities": cold_modalities(summary), "ablation": ablation_summary(report)}
     if args.markdown:
         atomic_write_text(Path(args.markdown), results_markdown(result))
         print(f"results table: {args.markdown}")
