@@ -23,7 +23,9 @@ import json
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,10 @@ class _ContinuousBatcher:
     """Drives one vLLM engine from a single background thread, so that requests from concurrent callers join the
     batch that is already running (continuous batching across calls, vLLM's main advantage over a static batch).
     `LLM.generate` would run each call's batch to completion while other callers wait; `LLMEngine` itself is not
-    thread-safe, hence one owner thread: callers only put requests into its inbox and wait on futures."""
+    thread-safe, hence one owner thread: callers only put requests into its inbox and wait on futures.
+
+    A caller that stops waiting (its request timed out: the client already got a 504) aborts its requests in the
+    engine through the same inbox, so abandoned generations stop taking KV cache and compute from the live ones."""
 
     def __init__(self, llm_engine):
         self.engine = llm_engine
@@ -104,10 +109,38 @@ class _ContinuousBatcher:
         if self._closed:
             raise RuntimeError("the vLLM engine is closed")
         fut: Future = Future()
-        self._inbox.put((str(next(self._ids)), prompt, params, fut))
+        fut.request_id = rid = str(next(self._ids))
+        self._inbox.put((rid, prompt, params, fut))
         return fut
 
+    def cancel(self, futures: list[Future]) -> None:
+        """Abort the engine requests of `futures` that are still running (done by the owner thread)."""
+        rids = [f.request_id for f in futures if not f.done()]
+        if rids and not self._closed:
+            self._inbox.put(("abort", rids))
+
+    def wait(self, futures: list[Future], timeout_s: float | None) -> list:
+        """Results of `futures`, in order. Past `timeout_s` (None: no limit) the unfinished requests are aborted
+        and TimeoutError is raised."""
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        try:
+            return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
+        except FutureTimeout:
+            self.cancel(futures)
+            raise TimeoutError(f"vLLM generation not finished within {timeout_s:g}s (serve.request_timeout_s); "
+                               f"its requests were aborted") from None
+
+    def _abort(self, rids: list[str]) -> None:
+        rids = [r for r in rids if r in self._pending]
+        if rids:
+            self.engine.abort_request(rids)
+            for r in rids:
+                self._pending.pop(r).set_exception(TimeoutError(f"vLLM request {r} was aborted"))
+
     def _admit(self, job) -> None:
+        if job[0] == "abort":
+            self._abort(job[1])
+            return
         rid, prompt, params, fut = job
         try:
             self.engine.add_request(rid, prompt, params)
@@ -179,6 +212,7 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)),
             kv_cache_memory_bytes=int(kv_gib * (1 << 30)) if kv_gib > 0 else None,
         )
+        self.timeout_s = float(getattr(serve_cfg, "request_timeout_s", 0) or 0) or None
         self._lock = threading.Lock()  # `LLM` is not thread-safe: one pooling call at a time
         self._gen = self._pool = self._batcher = None
         try:
@@ -210,7 +244,7 @@ class VLLMEngine(Engine):
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         futures = [self._batcher.submit(p, params) for p in prompts]
-        return [list(f.result().outputs[0].token_ids) for f in futures]
+        return [list(out.outputs[0].token_ids) for out in self._batcher.wait(futures, self.timeout_s)]
 
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
         rows = self.generate_ids(items, max_new_tokens)

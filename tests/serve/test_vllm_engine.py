@@ -38,6 +38,48 @@ def test_input_embeddings_are_read_alone_from_single_and_sharded_checkpoints(tin
     assert checkpoint_dtype(tiny_bundle / "lm") == "float32"
 
 
+class _FakeLLMEngine:
+    """The three LLMEngine calls the batcher makes. Requests whose prompt is "fast" finish at the next step;
+    "slow" ones never do (a generation that outlives its caller)."""
+
+    def __init__(self):
+        self.running, self.aborted, self.steps = {}, [], 0
+
+    def add_request(self, rid, prompt, params):
+        self.running[rid] = prompt
+
+    def step(self):
+        self.steps += 1
+        done = [r for r, p in self.running.items() if p == "fast"]
+        for r in done:
+            del self.running[r]
+        return [type("Out", (), {"request_id": r, "finished": True, "outputs": r})() for r in done]
+
+    def abort_request(self, rids):
+        self.aborted += rids
+        for r in rids:
+            self.running.pop(r, None)
+
+
+def test_timed_out_generations_are_aborted_in_the_engine():
+    from serve.engines.vllm import _ContinuousBatcher
+
+    engine = _FakeLLMEngine()
+    batcher = _ContinuousBatcher(engine)
+    try:
+        assert [o.request_id for o in batcher.wait([batcher.submit("fast", None)], 5.0)] == ["0"]
+        futures = [batcher.submit(p, None) for p in ("fast", "slow")]
+        with pytest.raises(TimeoutError, match="request_timeout_s"):
+            batcher.wait(futures, 0.3)
+        futures[1].exception(timeout=5)  # the abort is applied by the owner thread, then the future fails
+        assert engine.aborted == ["2"] and not engine.running  # only the unfinished request, and it left the engine
+        assert futures[0].result().request_id == "1"
+        # The batcher goes on serving after an abort.
+        assert batcher.wait([batcher.submit("fast", None)], 5.0)[0].request_id == "3"
+    finally:
+        batcher.close()
+
+
 def test_a_checkpoint_without_token_embeddings_is_named(tmp_path):
     from safetensors.torch import save_file
 
