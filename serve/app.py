@@ -83,26 +83,34 @@ def user_histories(catalog) -> dict[str, list[str]]:
     return out
 
 
-def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: SongIndex | None = None
-               ) -> ServerState:
-    """Everything the app serves from a run directory. A stale index is refused here, before binding a port."""
+def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = False) -> SongInputs:
+    """The catalogue as the engines see it: songs, media feature rows, text feature rows where the bundle fuses
+    them, and (for the server) the users' listening histories."""
     from transformers import AutoTokenizer
 
-    from llmrec.features import load_media_features
+    from llmrec.features import load_media_features, load_text_features
     from llmrec.model.bundle import read_bundle_meta
     from llmrec.model.mm_lm import read_mm_config
     from llmrec.schema import load_catalog
+
+    mm = read_mm_config(bdir)
+    catalog = load_catalog(run.require(run.catalog, "prepare"))
+    features = load_media_features(run.require(run.features, "features"))
+    text = load_text_features(run.features) if mm.text_dim else None
+    tokenizer = AutoTokenizer.from_pretrained(bdir / read_bundle_meta(bdir)["lm"])
+    return SongInputs(cfg, tokenizer, mm, catalog.songs.to_dict("records"), features,
+                      user_histories(catalog) if with_histories else None, text)
+
+
+def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: SongIndex | None = None
+               ) -> ServerState:
+    """Everything the app serves from a run directory. A stale index is refused here, before binding a port."""
     from serve.engines import load_engine
 
     bdir = bundle_dir(run)
-    meta = read_bundle_meta(bdir)
     engine = engine or load_engine(bdir, cfg.serve)
     index = index or load_index(run.index, engine.bundle_hash)
-    catalog = load_catalog(run.require(run.catalog, "prepare"))
-    features = load_media_features(run.require(run.features, "features"))
-    tokenizer = AutoTokenizer.from_pretrained(bdir / meta["lm"])
-    inputs = SongInputs(cfg, tokenizer, read_mm_config(bdir), catalog.songs.to_dict("records"), features,
-                        user_histories(catalog))
+    inputs = song_inputs(cfg, run, bdir, with_histories=True)
     for sid, row in index.added.items():  # songs added after the build (their media rows are not kept)
         inputs.add_song(sid, row, inputs.empty_media())
     s = cfg.serve
@@ -276,6 +284,8 @@ def encode_new_song(state: ServerState, song: NewSong, field: str) -> SongMedia:
     if song.cover is not None:
         kw = {"path": song.cover} if isinstance(song.cover, Path) else {"data": song.cover}
         media.cover, media.cover_present = state.codec.cover(field=f"{field}.cover", **kw), True
+    if state.inputs.text_codec is not None:
+        media.text = state.inputs.text_codec.encode(song.row)
     return media
 
 
@@ -529,20 +539,13 @@ ROUTES = {"/v1/embeddings", "/v1/recommendations", "/v1/explanations", "/health"
 def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress: bool = True) -> SongIndex:
     """Embed the whole catalogue in batches with the serving engine and write runs/<name>/index/ atomically."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
-    from llmrec.features import load_media_features
     from llmrec.model.bundle import read_bundle_meta
-    from llmrec.model.mm_lm import read_mm_config
-    from llmrec.schema import load_catalog
     from serve.engines import load_engine
 
     bdir = bundle_dir(run)
     engine = engine or (load_engine(bdir, cfg.serve) if cfg.features.engine != "ray" else None)
-    catalog = load_catalog(run.require(run.catalog, "prepare"))
-    features = load_media_features(run.require(run.features, "features"))
-    tokenizer = AutoTokenizer.from_pretrained(bdir / read_bundle_meta(bdir)["lm"])
-    inputs = SongInputs(cfg, tokenizer, read_mm_config(bdir), catalog.songs.to_dict("records"), features)
+    inputs = song_inputs(cfg, run, bdir)
     ids = sorted(inputs.songs)
     chunks = [[inputs.catalog_embed_input(s, s) for s in ids[i : i + cfg.serve.embed_batch]]
               for i in range(0, len(ids), cfg.serve.embed_batch)]

@@ -4,7 +4,9 @@ Prompts are built exactly as training built them (`llmrec.model.mm_lm.item_promp
 prompt for reasons) and every text field passes through `llmrec.text`'s sanitiser on the way (the builders call
 `sanitize_song`). Media rows for catalog songs come from the run's feature shards; an uploaded or referenced file
 is decoded with `data_prep.audio` / `data_prep.image` and encoded with the run's frozen encoders, exactly as
-`data_prep.extract` does for the catalogue.
+`data_prep.extract` does for the catalogue. A bundle that fuses sentence-encoder features into its embedding head
+(`MMConfig.text_dim`) gets catalog songs' rows from `features/text.safetensors` and a new song's from the same
+encoder run on its (sanitised) text by `data_prep.extract.song_text`, as `llmrec features` built them.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from llmrec.config import Config
 from llmrec.model.mm_lm import MediaBatch, MMConfig, item_prompt
 from llmrec.text import build_stage2_prompt, sanitize_text
 from serve.engines.base import EngineInput
-from train.collate import media_rows
+from train.collate import media_rows, text_rows
 
 SONG_TEXT_FIELDS = ("title", "artist", "album", "language", "release_date", "lyrics")
 SONG_LIST_FIELDS = ("genres", "tags", "comments")
@@ -120,29 +122,57 @@ class SongMedia:
     audio_present: bool
     cover: torch.Tensor  # [1, K, D]
     cover_present: bool
+    text: torch.Tensor | None = None  # [Dt] sentence-encoder features (bundles with MMConfig.text_dim > 0)
 
 
-def media_batch(rows: Sequence[SongMedia], audio_of: Sequence[int], cover_of: Sequence[int], mm: MMConfig
-                ) -> MediaBatch:
-    """A MediaBatch whose audio rows are rows[i] for i in audio_of, cover rows rows[j] for j in cover_of."""
+def media_batch(rows: Sequence[SongMedia], audio_of: Sequence[int], cover_of: Sequence[int], mm: MMConfig,
+                text_of: Sequence[int] = ()) -> MediaBatch:
+    """A MediaBatch whose audio rows are rows[i] for i in audio_of, cover rows rows[j] for j in cover_of, and (for
+    an embedding prompt of a text-fusing bundle) text rows rows[t] for t in text_of."""
     def stack(idx, name, shape):
         return torch.stack([getattr(rows[i], name) for i in idx]).float() if idx else torch.zeros((0, *shape))
+    text = None
+    if mm.text_dim and text_of:
+        text = torch.stack([rows[i].text if rows[i].text is not None else torch.zeros(mm.text_dim)
+                            for i in text_of]).float()
     return MediaBatch(
         stack(audio_of, "audio", (mm.audio_layers, mm.audio_tokens, mm.audio_dim)),
         torch.tensor([float(rows[i].audio_present) for i in audio_of]),
         stack(cover_of, "cover", (mm.cover_layers, mm.cover_tokens, mm.cover_dim)),
         torch.tensor([float(rows[i].cover_present) for i in cover_of]),
+        text,
     )
+
+
+class TextCodec:
+    """A new song's text -> the sentence-encoder row the bundle was trained with (`MMConfig.text_encoder`)."""
+
+    def __init__(self, encoder: str):
+        if encoder != "minilm":
+            raise ValueError(f"the bundle fuses {encoder!r} text features, which cannot encode a new song; "
+                             f"retrain with features.text_encoder=minilm or model.text_fusion=false")
+        self.encoder = encoder
+        self._lock = threading.Lock()  # one encoder shared by request threads
+
+    def encode(self, row: Mapping[str, Any]) -> torch.Tensor:
+        from data_prep.extract import encode_texts, song_text
+
+        with self._lock:
+            return torch.from_numpy(encode_texts([song_text(dict(row))], self.encoder)[0])
 
 
 class SongInputs:
     """The catalogue as the server sees it: song rows, media feature rows, listening histories, added songs."""
 
     def __init__(self, cfg: Config, tokenizer, mm_cfg: MMConfig, songs: Sequence[Mapping[str, Any]], features,
-                 histories: Mapping[str, list[str]] | None = None):
+                 histories: Mapping[str, list[str]] | None = None, text_features=None):
         self.cfg, self.tokenizer, self.mm = cfg, tokenizer, mm_cfg
         self.songs: dict[str, dict] = {str(s["song_id"]): dict(s) for s in songs}
         self.features = features
+        if mm_cfg.text_dim and text_features is None:
+            raise ValueError("the bundle fuses text features: pass the run's features/text.safetensors")
+        self.text_features = text_features if mm_cfg.text_dim else None
+        self.text_codec = TextCodec(mm_cfg.text_encoder) if mm_cfg.text_dim else None
         self.histories = dict(histories or {})  # user id -> song ids, most recent first (distinct)
         self.added_media: dict[str, SongMedia] = {}
         self._prompts: dict[str, str] = {}  # song id -> embedding prompt (catalog songs)
@@ -164,13 +194,14 @@ class SongInputs:
             return self.added_media[song_id]
         a, ap = media_rows(self.features, [song_id], "audio")
         c, cp = media_rows(self.features, [song_id], "cover")
-        return SongMedia(a[0], bool(ap[0]), c[0], bool(cp[0]))
+        text = text_rows(self.text_features, [song_id])[0] if self.text_features is not None else None
+        return SongMedia(a[0], bool(ap[0]), c[0], bool(cp[0]), text)
 
     # ------------------------------------------------------------------ engine rows
     def embed_input(self, song: Mapping[str, Any], media: SongMedia) -> EngineInput:
         prompt = item_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
                               self.cfg.prompt.song_budget)
-        return EngineInput(prompt, media_batch([media], [0], [0], self.mm))
+        return EngineInput(prompt, media_batch([media], [0], [0], self.mm, [0]))
 
     def catalog_embed_input(self, song_id: str, field: str) -> EngineInput:
         # A catalog song's prompt never changes: build it once (fitting it to the budget tokenises it many times).
@@ -178,7 +209,7 @@ class SongInputs:
         if song_id not in self._prompts:
             self._prompts[song_id] = item_prompt(song, self.tokenizer, self.mm, self.cfg.train.max_length,
                                                   self.cfg.prompt.song_budget)
-        return EngineInput(self._prompts[song_id], media_batch([self.media(song_id)], [0], [0], self.mm))
+        return EngineInput(self._prompts[song_id], media_batch([self.media(song_id)], [0], [0], self.mm, [0]))
 
     def reason_input(self, history_ids: Sequence[str], candidate_id: str) -> EngineInput:
         """The stage-2 prompt (as `data_prep.examples` builds it) with its media rows in placeholder order."""
@@ -231,6 +262,8 @@ class SongInputs:
     def add_song(self, song_id: str, row: dict, media: SongMedia) -> None:
         """Make an added song usable as a recommendation candidate (prompt + media for its reason)."""
         self.songs[song_id] = {**row, "song_id": song_id}
+        if self.text_codec is not None and media.text is None:  # e.g. reloaded from the index after a restart
+            media.text = self.text_codec.encode(row)
         self.added_media[song_id] = media
 
     def empty_media(self) -> SongMedia:

@@ -1,7 +1,7 @@
 """Batching for the multimodal LM: tokenise prompt + answer, answer-only labels, media rows in placeholder order."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -21,11 +21,20 @@ def media_rows(features, song_ids: Sequence[str], modality: str) -> tuple[torch.
     return rows.float(), pres
 
 
+def text_rows(text_features, song_ids: Sequence[str]) -> torch.Tensor:
+    """Sentence-encoder rows [N, d] for `song_ids` (`llmrec.features.TextFeatures`); zeros for a song without."""
+    zero = text_features.text.new_zeros(text_features.text.shape[1])
+    return torch.stack([text_features.text[text_features.index[s]] if s in text_features.index else zero
+                        for s in song_ids]).float()
+
+
 @dataclass
 class MultimodalCollator:
-    """Turns example rows {prompt, answer?, audio_song_ids, cover_song_ids} into model inputs.
+    """Turns example rows {prompt, answer?, audio_song_ids, cover_song_ids, text_song_id?} into model inputs.
 
-    Right padding for training; the prompt part of `labels` is IGNORE so only the answer is learned.
+    Right padding for training; the prompt part of `labels` is IGNORE so only the answer is learned. With
+    `text_features` (a model that fuses them into its embedding head), embedding rows name their song in
+    `text_song_id` and the batch's MediaBatch.text holds its features.
     """
 
     tokenizer: Any
@@ -33,6 +42,7 @@ class MultimodalCollator:
     audio_tokens: int
     cover_tokens: int
     max_length: int = 512
+    text_features: Any = None
 
     def encode(self, prompt: str, answer: str | None) -> tuple[list[int], int]:
         tok = self.tokenizer
@@ -69,8 +79,11 @@ class MultimodalCollator:
         cover_ids = [s for r in rows for s in r.get("cover_song_ids", [])]
         audio, audio_present = media_rows(self.features, audio_ids, "audio")
         cover, cover_present = media_rows(self.features, cover_ids, "cover")
+        text_ids = [r.get("text_song_id") for r in rows]
+        text = (text_rows(self.text_features, text_ids)
+                if self.text_features is not None and rows and all(text_ids) else None)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "media": MediaBatch(audio, audio_present, cover, cover_present)}
+                "media": MediaBatch(audio, audio_present, cover, cover_present, text)}
 
 
 def drop_modalities(media: MediaBatch, p: float, generator: torch.Generator) -> MediaBatch:
@@ -81,4 +94,5 @@ def drop_modalities(media: MediaBatch, p: float, generator: torch.Generator) -> 
         return media
     keep_audio = (torch.rand(media.audio_present.shape, generator=generator) >= p).to(media.audio_present.dtype)
     keep_cover = (torch.rand(media.cover_present.shape, generator=generator) >= p).to(media.cover_present.dtype)
-    return MediaBatch(media.audio, media.audio_present * keep_audio, media.cover, media.cover_present * keep_cover)
+    return replace(media, audio_present=media.audio_present * keep_audio,
+                   cover_present=media.cover_present * keep_cover)

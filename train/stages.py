@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llmrec.config import Config
-from llmrec.features import load_media_features
+from llmrec.features import load_media_features, load_text_features
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
 from llmrec.model.backbone import build_tiny_llama, load_backbone, train_bpe_tokenizer
 from llmrec.model.losses import info_nce
@@ -116,11 +116,27 @@ def stage0(cfg: Config, run: RunDir, catalog, accelerator, progress: bool):
 
 # -------------------------------------------------------------------------------------------------- stages 1-2
 
-def _mm_config(cfg: Config, features, cf_dim: int) -> MMConfig:
+def _mm_config(cfg: Config, features, cf_dim: int, text_features=None) -> MMConfig:
     return MMConfig(projector=cfg.model.projector, audio_layers=features.audio.shape[1],
                     audio_tokens=features.audio.shape[2], audio_dim=features.audio.shape[3],
                     cover_layers=features.cover.shape[1], cover_tokens=features.cover.shape[2],
-                    cover_dim=features.cover.shape[3], embedding_dim=cfg.model.embedding_dim, cf_dim=cf_dim)
+                    cover_dim=features.cover.shape[3], embedding_dim=cfg.model.embedding_dim, cf_dim=cf_dim,
+                    text_dim=0 if text_features is None else int(text_features.text.shape[1]),
+                    text_encoder="" if text_features is None else text_features.encoder)
+
+
+def fused_text_features(cfg: Config, run: RunDir):
+    """The sentence-encoder features to fuse into the embedding head, or None (`model.text_fusion` off, or the
+    TF-IDF fallback, which cannot encode a new song when serving)."""
+    if not cfg.model.text_fusion:
+        return None
+    text = load_text_features(run.require(run.features, "features"))
+    return text if text.encoder == "minilm" else None
+
+
+def embedding_rows(prompts: dict[str, str], song_ids: list[str]) -> list[dict]:
+    """Collator rows for song-embedding prompts: each song's own audio, cover and text features."""
+    return [{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s], "text_song_id": s} for s in song_ids]
 
 
 def _lm_loss_fn(model: MultimodalLM, rows, collate: MultimodalCollator, sampler: StepSampler):
@@ -183,7 +199,7 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
     t = cfg.train
 
     def embed_songs(song_ids: list[str], gen: torch.Generator) -> torch.Tensor:
-        batch = collate([{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s]} for s in song_ids])
+        batch = collate(embedding_rows(prompts, song_ids))
         media = drop_modalities(batch["media"], t.modality_dropout, gen)
         return model.embed(batch["input_ids"], batch["attention_mask"], media)
 
@@ -222,7 +238,7 @@ def song_embeddings(model: MultimodalLM, collate, prompts: dict[str, str], batch
     out = []
     for i in range(0, len(ids), batch_size):
         chunk = ids[i : i + batch_size]
-        batch = collate([{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s]} for s in chunk])
+        batch = collate(embedding_rows(prompts, chunk))
         media = batch["media"]
         if "audio" in drop:
             media.audio_present = torch.zeros_like(media.audio_present)
@@ -264,9 +280,10 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
         lm = prepare_for_qlora(lm, cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
-    model = MultimodalLM(lm, tokenizer, _mm_config(cfg, features, len(pairs[0]["cf_factor"])))
+    text_features = fused_text_features(cfg, run)
+    model = MultimodalLM(lm, tokenizer, _mm_config(cfg, features, len(pairs[0]["cf_factor"]), text_features))
     collate = MultimodalCollator(tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
-                                 cfg.train.max_length)
+                                 cfg.train.max_length, text_features)
     prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length, cfg.prompt.song_budget)
     s1 = stage1(cfg, run, model, collate, accelerator, progress)
     s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress)

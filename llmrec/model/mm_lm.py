@@ -26,12 +26,16 @@ MM_CONFIG = "multimodal.json"
 
 @dataclass
 class MediaBatch:
-    """Feature rows for the placeholders of one batch, in placeholder order: feats [N, L, K, D], present [N]."""
+    """Feature rows for the placeholders of one batch, in placeholder order: feats [N, L, K, D], present [N].
+
+    `text` [N, Dt]: sentence-encoder features of each embedding prompt's song, for a model that fuses them into the
+    embedding head (`MMConfig.text_dim` > 0); only embedding batches carry it (one row per prompt)."""
 
     audio: torch.Tensor
     audio_present: torch.Tensor
     cover: torch.Tensor
     cover_present: torch.Tensor
+    text: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,6 +50,8 @@ class MMConfig:
     embedding_dim: int
     cf_dim: int
     late_fusion: bool = True
+    text_dim: int = 0  # sentence-encoder feature size fused into the embedding head (0 = none)
+    text_encoder: str = ""  # which encoder made them (`features.text_encoder`): serving must use the same one
 
 
 def expand_placeholders(text: str, audio_tokens: int, cover_tokens: int) -> str:
@@ -73,7 +79,7 @@ class MultimodalLM(nn.Module):
         self.audio_proj = ModalityProjector(cfg.projector, cfg.audio_layers, cfg.audio_tokens, cfg.audio_dim, hidden)
         self.cover_proj = ModalityProjector(cfg.projector, cfg.cover_layers, cfg.cover_tokens, cfg.cover_dim, hidden)
         fusion = (cfg.audio_dim, cfg.cover_dim) if cfg.late_fusion else (0, 0)
-        self.embed_head = EmbeddingHead(hidden, cfg.embedding_dim, *fusion)
+        self.embed_head = EmbeddingHead(hidden, cfg.embedding_dim, *fusion, text_dim=cfg.text_dim)
         self.id_head = IDMappingHead(cfg.embedding_dim, cfg.cf_dim)
         ids = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN])
         if tokenizer.unk_token_id in ids:
@@ -127,13 +133,19 @@ class MultimodalLM(nn.Module):
 
         Split from `embed` so that a serving engine which computes the hidden states itself (vLLM's pooling runner
         returns the final hidden state of the last prompt token) applies exactly the same head."""
-        audio = cover = None
+        audio = cover = text = None
+        if self.cfg.text_dim:
+            text = None if media is None else media.text
+            if text is None or text.shape[0] != pooled.shape[0]:
+                raise ValueError(f"this model fuses {self.cfg.text_encoder or 'sentence'}-encoder features into the "
+                                 f"embedding: give one MediaBatch.text row per embedding prompt")
+            text = text.float()
         if self.cfg.late_fusion and media is not None:
             if media.audio.shape[0] != pooled.shape[0] or media.cover.shape[0] != pooled.shape[0]:
                 raise ValueError("late fusion needs exactly one audio and one cover row per embedding prompt")
             audio = self.audio_proj.pooled(media.audio, media.audio_present)
             cover = self.cover_proj.pooled(media.cover, media.cover_present)
-        return self.embed_head(pooled.float(), audio, cover)
+        return self.embed_head(pooled.float(), audio, cover, text)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, max_new_tokens: int = 64,

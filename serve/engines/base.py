@@ -87,5 +87,7 @@ def concat_media(items: list[EngineInput]) -> MediaBatch:
     order `MultimodalLM.splice` fills them in."""
     import torch
 
+    texts = [it.media.text for it in items]
     return MediaBatch(*(torch.cat([getattr(it.media, f) for it in items])
-                        for f in ("audio", "audio_present", "cover", "cover_present")))
+                        for f in ("audio", "audio_present", "cover", "cover_present")),
+                      text=torch.cat(texts) if texts and all(t is not None for t in texts) else None)

@@ -55,6 +55,19 @@ def test_media_rows_follow_placeholder_order_and_unknown_songs_are_missing(colla
     assert media.cover.shape == (1, 1, 2, 3) and media.cover_present.tolist() == [1.0]
 
 
+def test_text_rows_come_with_embedding_rows_only(collate):
+    from dataclasses import replace
+
+    from llmrec.features import TextFeatures
+
+    text = TextFeatures(["s1", "s2"], {"s1": 0, "s2": 1}, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "minilm")
+    fused = replace(collate, text_features=text)
+    media = fused([{"prompt": "describe", "text_song_id": "s2"}, {"prompt": "describe", "text_song_id": "nope"}])["media"]
+    torch.testing.assert_close(media.text, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))  # unknown song: a zero row
+    assert fused([{"prompt": "describe", "answer": "piano"}])["media"].text is None  # reason rows carry none
+    assert collate([{"prompt": "describe", "text_song_id": "s1"}])["media"].text is None  # model without fusion
+
+
 def test_overlong_prompt_is_a_clear_error(collate):
     with pytest.raises(ValueError, match="exceeds train.max_length=64"):
         collate([{"prompt": "describe " * 200}])

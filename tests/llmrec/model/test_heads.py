@@ -24,3 +24,17 @@ def test_text_only_head_is_unit_norm():
     head = EmbeddingHead(hidden=8, dim=4)
     out = head(torch.randn(3, 8) * 50)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+
+
+def test_sentence_branch_is_a_fourth_balanced_branch():
+    head = EmbeddingHead(hidden=4, dim=4, audio_dim=4, cover_dim=4, text_dim=4)
+    with torch.no_grad():
+        for branch in (head.text, head.audio, head.cover, head.sentence):
+            branch.weight.copy_(torch.eye(4))
+        head.text.bias.zero_()
+    e = torch.eye(4)
+    out = head(1000 * e[:1], 1e-3 * e[1:2], 1e-3 * e[2:3], 0.5 * e[3:4])
+    torch.testing.assert_close(out, torch.full((1, 4), 0.5))  # four unit branches, by hand: (1,1,1,1)/2
+    # a song without text features (a zero row) adds nothing
+    torch.testing.assert_close(head(1000 * e[:1], 1e-3 * e[1:2], 1e-3 * e[2:3], torch.zeros(1, 4)),
+                               head(1000 * e[:1], 1e-3 * e[1:2], 1e-3 * e[2:3]))

@@ -156,3 +156,19 @@ def test_generate_refuses_right_padding(model):
     ids, mask = encode(model, ["a slow piano song", "recommended because you like fast synth rock"])
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(ids, mask, None, max_new_tokens=2)
+
+
+def test_text_fusing_model_needs_and_uses_the_sentence_rows(model):
+    from dataclasses import replace
+
+    fused = MultimodalLM(model.lm, model.tokenizer, replace(model.cfg, text_dim=6, text_encoder="minilm")).eval()
+    ids, mask = encode(model, [f"song {AUDIO_TOKEN}{COVER_TOKEN}{EMBED_TOKEN}"] * 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="fuses minilm-encoder features"):
+        fused.embed(ids, mask, media(2, 2))  # no MediaBatch.text: refused, never silently dropped
+    m = media(2, 2)
+    m.text = torch.eye(6)[:2]
+    same = replace(m, text=torch.eye(6)[[0, 0]])
+    with torch.no_grad():
+        a, b = fused.embed(ids, mask, m), fused.embed(ids, mask, same)
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])  # only the row whose text features changed moves
