@@ -60,3 +60,14 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # YAML 1.1 (PyYAML) reads `1e-3` as a string; `--set train.lr=1e-3` is what people type.
+    from llmrec.config import ConfigError, load_config
+
+    assert load_config(overrides=["train.lr=1e-3"]).train.lr == 1e-3
+    import pytest
+
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config(overrides=["train.lr=fast"])
