@@ -73,7 +73,8 @@ def summarise(report: dict) -> dict:
 def print_table(name: str, report: dict, summary: dict) -> None:
     print(f"\n== {name}: {report['dataset']} ({report['item_kind']}s), split {report['split']['kind']}")
     models = report["models"]
-    header = f"{'slice':6s} {'metric':10s}" + "".join(f"{m:>10s}" for m in models)
+    width = {m: max(10, len(m) + 1) for m in models}  # model names like llmrec-text+audio are wider than a number
+    header = f"{'slice':6s} {'metric':13s}" + "".join(f"{m:>{width[m]}s}" for m in models)
     print(header)
     for slice_name in SLICES:
         s = summary[slice_name]
@@ -83,9 +84,9 @@ def print_table(name: str, report: dict, summary: dict) -> None:
         for metric in METRICS:
             if not any(metric in v for v in s["models"].values()):
                 continue
-            cells = "".join(f"{s['models'][m][metric]:10.4f}" if metric in s["models"].get(m, {}) else f"{'-':>10s}"
-                            for m in models)
-            print(f"{slice_name:6s} {metric:10s}{cells}")
+            cells = "".join(f"{s['models'][m][metric]:{width[m]}.4f}" if metric in s["models"].get(m, {})
+                            else f"{'-':>{width[m]}s}" for m in models)
+            print(f"{slice_name:6s} {metric:13s}{cells}")
     for slice_name in SLICES:
         s = summary[slice_name]
         if not s.get("empty"):
