@@ -363,11 +363,15 @@ def llmrec_model(vectors: np.ndarray, user_tower: str, als: Recommender, alpha: 
     into ALS item space — warm songs too (`replace_warm`), so the ranking depends on the embeddings alone and the
     CF/content blend stays the hybrid's job. The map is the same ridge regression as text2cf, so llmrec vs text2cf
     compares the two song representations under one user tower. `history`: centred ContentKNN."""
+    check_user_tower(user_tower)
     if user_tower == "cf":
         return RidgeContentToCF(vectors, als, fit_cf=False, alpha=alpha, replace_warm=True)
-    if user_tower == "history":
-        return ContentKNN(vectors, center=True)
-    raise ValueError(f"eval.user_tower {user_tower!r} is not supported; choose one of {list(USER_TOWERS)}")
+    return ContentKNN(vectors, center=True)
+
+
+def check_user_tower(user_tower: str) -> None:
+    if user_tower not in USER_TOWERS:
+        raise ValueError(f"eval.user_tower {user_tower!r} is not supported; choose one of {list(USER_TOWERS)}")
 
 
 def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm: dict[str, np.ndarray],
@@ -494,8 +498,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
         notes.append(f"text: {missing_text} catalogue songs have no text features (they score 0)")
     llm = load_llm_vectors(run, data.song_ids, notes)
     t_tune = time.perf_counter()
-    if cfg.eval.user_tower not in USER_TOWERS:
-        raise ValueError(f"eval.user_tower {cfg.eval.user_tower!r} is not supported; choose one of {list(USER_TOWERS)}")
+    check_user_tower(cfg.eval.user_tower)  # before minutes of tuning
     tuned = (tune(catalog, train_df, text, llm.get("llmrec"), cfg.seed, progress, cfg.eval.user_tower)
              if cfg.eval.tune else default_params("llmrec" in llm))
     t_fit = time.perf_counter()

@@ -77,8 +77,7 @@ class SongIndex:
 
     def centred(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors with the build-time catalogue mean removed, unit norm (what the faiss index holds)."""
-        v = np.asarray(vectors, dtype=np.float32) - self.center
-        return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+        return _centred(vectors, self.center)
 
     def __len__(self) -> int:
         return len(self.song_ids)
@@ -94,9 +93,8 @@ class SongIndex:
         if len(set(song_ids)) != len(song_ids):
             raise ValueError("song ids are not unique")
         center = emb.mean(axis=0) if len(emb) > 1 else np.zeros(emb.shape[1], np.float32)
-        index = cls(faiss.IndexFlatIP(emb.shape[1]), list(song_ids), emb, bundle_hash, kind, center=center)
-        index.index = build_faiss(index.centred(emb), kind, **params)
-        return index
+        return cls(build_faiss(_centred(emb, center), kind, **params), list(song_ids), emb, bundle_hash, kind,
+                   center=center)
 
     def add(self, embeddings: np.ndarray, song_ids: Sequence[str], metadata: Sequence[dict] | None = None) -> None:
         """Add new songs without a rebuild (an IVF index keeps its cells; rebuild after large additions)."""
@@ -173,6 +171,11 @@ def load_index(directory: str | os.PathLike, bundle_hash: str) -> SongIndex:
                          f"{len(meta['song_ids'])} ids); rebuild with `llmrec serve --build-index`")
     return SongIndex(index, list(meta["song_ids"]), emb, meta["bundle_hash"], meta.get("kind", "flat"),
                      dict(meta.get("added", {})), center)
+
+
+def _centred(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
+    v = np.asarray(vectors, dtype=np.float32) - center
+    return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
 
 
 def _check(embeddings: np.ndarray, song_ids: Sequence[str], dim: int | None = None) -> np.ndarray:
