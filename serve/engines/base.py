@@ -74,6 +74,12 @@ class Engine(ABC):
     def embed(self, items: list[EngineInput]) -> np.ndarray:
         """[len(items), embedding_dim] float32, unit-norm rows; each prompt ends with `<emb>`."""
 
+    def decode(self, rows) -> list[str]:
+        """Generated token ids per prompt -> text without special tokens, stripped (one rule for every engine)."""
+        if len(rows) == 0:  # batch_decode([]) would give [""]
+            return []
+        return [t.strip() for t in self.model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
     @abstractmethod
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
         """Greedy continuation of each prompt, decoded without special tokens, stripped."""

@@ -54,4 +54,4 @@ class HFEngine(Engine):
             return []
         ids, mask = self._pad([self.token_ids(it, max_new_tokens) for it in items], left=True)
         out = self.model.generate(ids, mask, concat_media(items), max_new_tokens=max_new_tokens)
-        return [t.strip() for t in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.decode(out)

@@ -247,10 +247,7 @@ class VLLMEngine(Engine):
         return [list(out.outputs[0].token_ids) for out in self._batcher.wait(futures, self.timeout_s)]
 
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
-        rows = self.generate_ids(items, max_new_tokens)
-        if not rows:  # batch_decode([]) would give [""]
-            return []
-        return [t.strip() for t in self.model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        return self.decode(self.generate_ids(items, max_new_tokens))
 
     def hidden_states(self, items: list[EngineInput]) -> torch.Tensor:
         """[N, H] final hidden state at each prompt's last token (`<emb>`), computed by the pooling engine."""
