@@ -93,12 +93,12 @@ def plot_ablation(probes: dict, path, savefig) -> None:
 def encoder_feature_vectors(features_dir, song_ids: np.ndarray) -> dict[str, np.ndarray]:
     """The frozen encoders' own features, mean-pooled over layers and tokens, aligned with `song_ids` (zero rows
     where a song has no such feature): the ceiling of what the audio/cover channels can tell the model."""
-    from llmrec.features import load_media_features
+    from llmrec.features import load_media_features, pooled_rows
 
     feats = load_media_features(features_dir)
     out = {}
     for modality in ("audio", "cover"):
-        pooled = getattr(feats, modality).float().mean(dim=(1, 2)).numpy()
+        pooled = pooled_rows(getattr(feats, modality)).numpy()
         present = getattr(feats, f"{modality}_present")
         rows = np.zeros((len(song_ids), pooled.shape[1]), dtype=np.float32)
         for i, sid in enumerate(song_ids):

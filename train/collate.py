@@ -12,13 +12,16 @@ IGNORE = -100  # label value that transformers' causal-LM loss skips
 
 
 def media_rows(features, song_ids: Sequence[str], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature rows [N, L, K, D] and presence [N] for `song_ids`; songs without features count as missing."""
+    """Feature rows [N, L, K, D] and presence [N] for `song_ids`; songs without features count as missing.
+    `features.audio`/`.cover` may be on-demand `ShardedRows`: the known rows are read in one indexing call."""
     feats, present = getattr(features, modality), getattr(features, f"{modality}_present")
     idx = [features.index.get(s, -1) for s in song_ids]
-    rows = torch.stack([feats[i] if i >= 0 else torch.zeros_like(feats[0]) for i in idx]) if idx else \
-        feats.new_zeros((0, *feats.shape[1:]))
+    known = [j for j, i in enumerate(idx) if i >= 0]
+    rows = torch.zeros((len(idx), *feats.shape[1:]), dtype=torch.float32)
+    if known:
+        rows[known] = feats[[idx[j] for j in known]].float()
     pres = torch.tensor([float(present[i]) if i >= 0 else 0.0 for i in idx])
-    return rows.float(), pres
+    return rows, pres
 
 
 def text_rows(text_features, song_ids: Sequence[str]) -> torch.Tensor:

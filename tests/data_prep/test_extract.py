@@ -326,6 +326,7 @@ def test_ray_engine_writes_the_same_shards(resumed_run, tmp_path):
     assert printed["shards"] == "3/3 done (3 computed now, 0 reused)" and "2 ray worker" in printed["speed"]
     a, b = load_media_features(ref.features), load_media_features(run.features, verify=True)
     assert a.song_ids == b.song_ids
-    assert torch.equal(a.audio, b.audio) and torch.equal(a.cover, b.cover)
+    assert torch.equal(a.audio.materialize(), b.audio.materialize())
+    assert torch.equal(a.cover.materialize(), b.cover.materialize())
     m = json.loads((run.features / "manifest.json").read_text())
     assert m["features_hash"] == json.loads((ref.features / "manifest.json").read_text())["features_hash"]
