@@ -111,8 +111,9 @@ def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: So
     engine = engine or load_engine(bdir, cfg.serve)
     index = index or load_index(run.index, engine.bundle_hash)
     inputs = song_inputs(cfg, run, bdir, with_histories=True)
-    for sid, row in index.added.items():  # songs added after the build (their media rows are not kept)
-        inputs.add_song(sid, row, inputs.empty_media())
+    added_media = inputs.load_added_media(run.index) if index.added else {}
+    for sid, row in index.added.items():  # songs added after the build, with the media rows they were added with
+        inputs.add_song(sid, row, added_media.get(sid) or inputs.empty_media())
     s = cfg.serve
     batched = BatchedEngine(engine, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                             timeout_s=s.request_timeout_s)
@@ -407,7 +408,7 @@ def add_songs(state: ServerState, rows: list[tuple[tuple[dict, SongMedia], np.nd
     state.index.add(np.stack([e for _, e in rows]), ids, meta)
     for ((row, media), _), sid in zip(rows, ids):
         state.inputs.add_song(sid, row, media)
-    state.index.save(state.run.index)
+    state.index.save(state.run.index, extra=state.inputs.save_added_media)
 
 
 async def reasons_for(state: ServerState, history: list[str], song_ids: list[str], max_new_tokens: int) -> list[str]:

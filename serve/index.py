@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -134,10 +134,13 @@ class SongIndex:
             out.append([h for h in hits if h[0] not in skip][:k])
         return out
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index directory atomically (a crash leaves the previous index whole)."""
+    def save(self, directory: str | os.PathLike, extra: Callable[[Path], None] | None = None) -> Path:
+        """Write the index directory atomically (a crash leaves the previous index whole). `extra(tmp)` writes
+        files that must change together with the index (the added songs' media rows) into the same swap."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
+            if extra is not None:
+                extra(tmp)
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             np.save(tmp / EMB_FILE, self.embeddings)
             np.save(tmp / CENTER_FILE, self.center)

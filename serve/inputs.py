@@ -10,6 +10,7 @@ encoder run on its (sanitised) text by `data_prep.extract.song_text`, as `llmrec
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from data_prep.audio import MediaError, load_audio
 from data_prep.image import load_image
@@ -113,6 +116,9 @@ class MediaCodec:
 
 
 # ------------------------------------------------------------------------------------------------ songs
+
+ADDED_MEDIA_FILE = "added_media.safetensors"  # in the index directory, beside the added songs' embeddings
+
 
 @dataclass
 class SongMedia:
@@ -265,6 +271,39 @@ class SongInputs:
         if self.text_codec is not None and media.text is None:  # e.g. reloaded from the index after a restart
             media.text = self.text_codec.encode(row)
         self.added_media[song_id] = media
+
+    def save_added_media(self, directory: Path) -> None:
+        """The media rows of songs added over the API, as `directory/ADDED_MEDIA_FILE` (written inside the index's
+        atomic save, so the index and these rows never disagree after a crash). Their text rows are not stored:
+        they are recomputed from the song row by the same encoder on load."""
+        ids = sorted(self.added_media)
+        if not ids:
+            return
+        rows = [self.added_media[s] for s in ids]
+        save_file({"audio": torch.stack([m.audio.float() for m in rows]).contiguous(),
+                   "audio_present": torch.tensor([m.audio_present for m in rows], dtype=torch.uint8),
+                   "cover": torch.stack([m.cover.float() for m in rows]).contiguous(),
+                   "cover_present": torch.tensor([m.cover_present for m in rows], dtype=torch.uint8)},
+                  str(Path(directory) / ADDED_MEDIA_FILE), metadata={"song_ids": json.dumps(ids)})
+
+    def load_added_media(self, directory: Path) -> dict[str, SongMedia]:
+        """What `save_added_media` wrote (empty for an index without added songs, or one saved before their media
+        were kept). Rows whose shape does not fit this bundle are refused: they came from other encoders."""
+        path = Path(directory) / ADDED_MEDIA_FILE
+        if not path.is_file():
+            return {}
+        mm = self.mm
+        with safe_open(str(path), framework="pt") as f:
+            ids = json.loads(f.metadata()["song_ids"])
+            t = {k: f.get_tensor(k) for k in ("audio", "audio_present", "cover", "cover_present")}
+        want = {"audio": (mm.audio_layers, mm.audio_tokens, mm.audio_dim),
+                "cover": (mm.cover_layers, mm.cover_tokens, mm.cover_dim)}
+        for key, shape in want.items():
+            if tuple(t[key].shape) != (len(ids), *shape):
+                raise ValueError(f"{path}: {key} rows are {tuple(t[key].shape[1:])}, the bundle expects {shape}; "
+                                 f"the added songs were embedded by another model: delete {path} and add them again")
+        return {sid: SongMedia(t["audio"][i], bool(t["audio_present"][i]), t["cover"][i], bool(t["cover_present"][i]))
+                for i, sid in enumerate(ids)}
 
     def empty_media(self) -> SongMedia:
         mm = self.mm

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -219,6 +220,15 @@ def test_new_song_added_to_the_index_without_rebuild(client, state, serve_run):
     assert exp.status_code == 200, exp.text
     again = client.post("/v1/embeddings", json={"input": song, "add_to_index": True})
     err(again, 409, "input.song_id", "new, unused song_id")
+    # a restarted server keeps the song's uploaded cover (not the "missing" embedding): same rows, same embedding
+    cfg, _ = serve_run
+    restarted = load_state(copy.deepcopy(cfg), run, engine=state.engine)
+    kept, live = restarted.inputs.media("new-0001"), state.inputs.media("new-0001")
+    assert kept.cover_present and not kept.audio_present
+    assert torch.equal(kept.cover, live.cover) and torch.equal(kept.audio, live.audio)
+    assert (kept.text is None) == (live.text is None)  # text rows are recomputed, only for text-fusing bundles
+    np.testing.assert_allclose(restarted.engine.embed([restarted.inputs.catalog_embed_input("new-0001", "input")])[0],
+                               state.index.vectors(["new-0001"])[0], atol=1e-5)
 
 
 def test_media_paths_only_inside_media_roots(state, serve_run, tmp_path):
