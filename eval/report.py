@@ -63,10 +63,11 @@ BPR_GRID_1 = [{"factors": 64, "learning_rate": lr, "regularization": r, "iterati
               for lr in (0.005, 0.01, 0.05) for r in (0.001, 0.01, 0.05)]
 BPR_FACTORS = (32, 64, 128)
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
-BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+BLEND_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+COLD_OFFSETS = (-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)  # in units of a per-user score standard deviation
 DEFAULTS = {"itemknn": {"k": 100, "shrink": 10.0}, "als": {"factors": 64, "regularization": 0.1, "alpha": 10.0},
             "bpr": {"factors": 64, "learning_rate": 0.01, "regularization": 0.01, "iterations": 300},
-            "text2cf": {"alpha": 10.0}, "llmrec": {"alpha": 10.0}, "hybrid": {"weight": 0.5, "cf": "als"}}
+            "text2cf": {"alpha": 10.0}, "llmrec": {"alpha": 10.0}, "hybrid": {"weight": 0.5, "cold_offset": 0.0, "cf": "als"}}
 USER_TOWERS = ("cf", "history")
 
 
@@ -202,12 +203,19 @@ class Hybrid(Recommender):
     """CF for warm songs, content (llmrec) for cold ones, on a common scale.
 
     Both score rows are z-normalised per user (over the whole catalogue); warm songs get
-    `weight * z(cf) + (1 - weight) * z(content)`, cold songs `z(content)` — CF scores of songs without plays are
-    meaningless (ALS leaves their factors at zero, BPR at their random initialisation).
+    `weight * z(cf) + (1 - weight) * z(content)`, cold songs `z(content) + cold_offset` — CF scores of songs without
+    plays are meaningless (ALS leaves their factors at zero, BPR at their random initialisation).
+
+    The two knobs answer two questions and are tuned apart (`tune`): `weight` how to rank known songs against each
+    other, `cold_offset` how far new songs are let into the one ranking. A z-score of the blend and a z-score of
+    content alone are not on one scale (a blend of two partly independent z-scores has a smaller spread), so
+    without the offset the interleaving of new and known songs is an accident of that spread.
     """
 
-    def __init__(self, cf: Recommender, content: Recommender, warm: np.ndarray, weight: float = 0.5):
-        self.cf, self.content, self.warm, self.weight = cf, content, np.asarray(warm, bool), float(weight)
+    def __init__(self, cf: Recommender, content: Recommender, warm: np.ndarray, weight: float = 0.5,
+                 cold_offset: float = 0.0):
+        self.cf, self.content, self.warm = cf, content, np.asarray(warm, bool)
+        self.weight, self.cold_offset = float(weight), float(cold_offset)
 
     def fit(self, train, **side):
         self.n_items = train.shape[1]  # parts are fitted by the caller and shared with their own entries
@@ -215,7 +223,28 @@ class Hybrid(Recommender):
 
     def score(self, user_idx, train):
         cf, content = _znorm(self.cf.score(user_idx, train)), _znorm(self.content.score(user_idx, train))
-        return np.where(self.warm[None, :], self.weight * cf + (1 - self.weight) * content, content)
+        return np.where(self.warm[None, :], self.weight * cf + (1 - self.weight) * content,
+                        content + self.cold_offset)
+
+
+class CachedScores(Recommender):
+    """A fitted model's score rows for a fixed user set, computed once: tuning a blend re-scores the same users
+    for every grid point, and the parts do not change between them."""
+
+    def __init__(self, model: Recommender, users: np.ndarray, train: sp.csr_matrix):
+        self.n_items = train.shape[1]
+        self._row = np.full(train.shape[0], -1, dtype=np.int64)
+        self._row[users] = np.arange(len(users))
+        self._scores = np.asarray(model.score(users, train), dtype=np.float32)
+
+    def fit(self, train, **side):
+        return self
+
+    def score(self, user_idx, train):
+        rows = self._row[np.asarray(user_idx, dtype=np.int64)]
+        if (rows < 0).any():
+            raise KeyError("CachedScores asked for a user it was not built for")
+        return self._scores[rows]
 
 
 def _znorm(s: np.ndarray) -> np.ndarray:
@@ -330,8 +359,17 @@ def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.nda
         cf = {"itemknn": lambda: ItemKNN(**tuned.params["itemknn"]), "als": lambda: als,
               "bpr": lambda: _bpr(tuned.params["bpr"], seed)}[cf_name]().fit(d.train)
         content = llmrec_model(llm, user_tower, als, tuned.params["llmrec"]["alpha"]).fit(d.train)
-        _search("hybrid", [{"weight": w, "cf": cf_name} for w in BLEND_WEIGHTS],
-                lambda p: Hybrid(cf, content, d.warm, p["weight"]),
+        # Two knobs, two questions: the blend weight by how well known songs are ranked among known songs (warm
+        # validation plays, warm candidates), then the cold offset by the one ranking of everything (all
+        # validation plays, whole catalogue).
+        users = np.flatnonzero(np.diff(d.test.indptr))
+        cf, content = CachedScores(cf, users, d.train), CachedScores(content, users, d.train)
+        weight, _ = _search("hybrid", [{"weight": w, "cold_offset": 0.0, "cf": cf_name} for w in BLEND_WEIGHTS],
+                            lambda p: Hybrid(cf, content, d.warm, p["weight"]),
+                            lambda m: validation_recall(m.fit(d.train), d, warm_valid, candidates=d.warm), tuned)
+        tuned.log["hybrid-weight"] = tuned.log.pop("hybrid")
+        _search("hybrid", [{**weight, "cold_offset": b} for b in COLD_OFFSETS],
+                lambda p: Hybrid(cf, content, d.warm, p["weight"], p["cold_offset"]),
                 lambda m: validation_recall(m.fit(d.train), d, d.test), tuned)
     if progress:
         for name, params in tuned.params.items():
@@ -398,7 +436,8 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
                 models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha).fit(x)
     if "llmrec" in models:
         blend = params["hybrid"]
-        models["hybrid"] = Hybrid(models[blend.get("cf", "als")], models["llmrec"], data.warm, blend["weight"]).fit(x)
+        models["hybrid"] = Hybrid(models[blend.get("cf", "als")], models["llmrec"], data.warm, blend["weight"],
+                                  blend.get("cold_offset", 0.0)).fit(x)
     return models
 
 

@@ -121,8 +121,12 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     report = json.loads(open(rep.run_eval(eval_cfg, run, QUIET)["report"]).read())
     for rows in report["results"].values():
         assert {"llmrec", "hybrid"} <= set(rows)
-    assert report["hyperparameters"]["hybrid"]["weight"] in rep.BLEND_WEIGHTS
-    grid = report["tuning"]["grid"]  # the hybrid's CF partner is the CF model with the best validation recall
+    hybrid = report["hyperparameters"]["hybrid"]
+    assert hybrid["weight"] in rep.BLEND_WEIGHTS and hybrid["cold_offset"] in rep.COLD_OFFSETS
+    grid = report["tuning"]["grid"]
+    # the weight is chosen first (its grid at offset 0), then the offset at that weight
+    assert [r["weight"] for r in grid["hybrid-weight"]] == list(rep.BLEND_WEIGHTS)
+    assert {r["weight"] for r in grid["hybrid"]} == {hybrid["weight"]}  # the hybrid's CF partner is the CF model with the best validation recall
     best_valid = {m: max(r["valid_recall@20"] for r in grid[m]) for m in ("itemknn", "als", "bpr")}
     assert report["hyperparameters"]["hybrid"]["cf"] == max(best_valid, key=best_valid.get)
     assert rep.LLMREC_NOT_TRAINED not in report["notes"]
@@ -219,6 +223,31 @@ def test_hybrid_blends_warm_songs_and_uses_content_alone_for_cold():
     assert np.allclose(rep.Hybrid(cf, content, warm, 0.0).score([0], None), z)
     full_cf = rep.Hybrid(cf, content, warm, 1.0).score([0], None)
     assert np.allclose(full_cf[0, :2], rep._znorm(cf.s)[0, :2]) and np.allclose(full_cf[0, 2:], z[0, 2:])
+
+
+def test_hybrid_cold_offset_moves_only_cold_songs_and_cached_scores_match_the_model():
+    class Fixed(rep.Recommender):
+        def __init__(self, s):
+            self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
+
+        def fit(self, train, **side):
+            return self
+
+        def score(self, user_idx, train):
+            return self.s[np.asarray(user_idx)]
+
+    import scipy.sparse as sp
+
+    cf, content = Fixed([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]), Fixed([[0.0, 1.0, 2.0, 5.0], [1.0, 0.0, 4.0, 2.0]])
+    warm = np.array([True, True, False, False])
+    base = rep.Hybrid(cf, content, warm, 0.6).score([0, 1], None)
+    moved = rep.Hybrid(cf, content, warm, 0.6, cold_offset=-1.5).score([0, 1], None)
+    assert np.allclose(moved[:, :2], base[:, :2]) and np.allclose(moved[:, 2:], base[:, 2:] - 1.5)
+    train = sp.csr_matrix((3, 4), dtype=np.float32)
+    cached = rep.CachedScores(content, np.array([1, 0]), train)
+    assert np.allclose(cached.score([0, 1], train), content.s) and np.allclose(cached.score([1], train), content.s[1:])
+    with pytest.raises(KeyError, match="not built for"):
+        cached.score([2], train)
 
 
 def test_ties_are_broken_in_a_fixed_random_order_not_by_catalogue_index():
