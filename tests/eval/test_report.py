@@ -206,17 +206,20 @@ def test_build_data_binarises_and_drops_repeat_pairs(synthetic_catalog):
     assert d.warm.sum() == 2 and d.is_tail.sum() == len(d.song_ids) - int(np.ceil(0.2 * len(d.song_ids)))
 
 
+class Fixed(rep.Recommender):
+    """A model with fixed score rows (one per user)."""
+
+    def __init__(self, s):
+        self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
+
+    def fit(self, train, **side):
+        return self
+
+    def score(self, user_idx, train):
+        return self.s[np.asarray(user_idx)]
+
+
 def test_hybrid_blends_warm_songs_and_uses_content_alone_for_cold():
-    class Fixed(rep.Recommender):
-        def __init__(self, s):
-            self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
-
-        def fit(self, train, **side):
-            return self
-
-        def score(self, user_idx, train):
-            return self.s[user_idx]
-
     cf, content = Fixed([[3.0, 1.0, 0.0, 0.0]]), Fixed([[0.0, 1.0, 2.0, 5.0]])
     warm = np.array([True, True, False, False])
     z = rep._znorm(content.s)
@@ -226,16 +229,6 @@ def test_hybrid_blends_warm_songs_and_uses_content_alone_for_cold():
 
 
 def test_hybrid_cold_offset_moves_only_cold_songs_and_cached_scores_match_the_model():
-    class Fixed(rep.Recommender):
-        def __init__(self, s):
-            self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
-
-        def fit(self, train, **side):
-            return self
-
-        def score(self, user_idx, train):
-            return self.s[np.asarray(user_idx)]
-
     import scipy.sparse as sp
 
     cf, content = Fixed([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]), Fixed([[0.0, 1.0, 2.0, 5.0], [1.0, 0.0, 4.0, 2.0]])
