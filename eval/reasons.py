@@ -379,6 +379,44 @@ def generate_reasons(model, features, prompts: Sequence[Prompt], max_new_tokens:
     return out, seconds
 
 
+def prompt_dependence(model, features, prompts: Sequence[Prompt], answers: Sequence[str], batch_size: int = 16,
+                      max_length: int = 1024) -> dict[str, float | None]:
+    """Does the model read its prompt? The answer loss (per answer token, teacher-forced) of each reference
+    answer after its own prompt, and after the next case's prompt (answers rotated by one). A model that writes
+    the same sentence whatever it is shown scores the two alike; `prompt_gain` = other - own is how much the
+    prompt tells it. Needs two cases or more; prompts over `max_length` tokens are left out."""
+    import torch
+
+    from train.collate import MultimodalCollator
+
+    collate = MultimodalCollator(model.tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
+                                 max_length)
+    rows = []
+    for p, a in zip(prompts, answers):
+        try:
+            collate.encode(p.text, None)
+        except ValueError:
+            continue
+        rows.append({"prompt": p.text, "answer": a, "audio_song_ids": p.audio_song_ids,
+                     "cover_song_ids": p.cover_song_ids})
+    if len(rows) < 2:
+        return {"answer_loss": None, "answer_loss_other_prompt": None, "prompt_gain": None}
+
+    @torch.inference_mode()
+    def mean_loss(pairs: list[dict]) -> float:
+        total, tokens = 0.0, 0
+        for start in range(0, len(pairs), batch_size):
+            batch = collate(pairs[start:start + batch_size])
+            n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the shifted causal-LM loss averages over
+            out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+            total, tokens = total + float(out.loss) * n, tokens + n
+        return total / max(tokens, 1)
+
+    own = mean_loss(rows)
+    other = mean_loss([{**r, "answer": rows[(i + 1) % len(rows)]["answer"]} for i, r in enumerate(rows)])
+    return {"answer_loss": own, "answer_loss_other_prompt": other, "prompt_gain": other - own}
+
+
 # ------------------------------------------------------------------------------------------------ the report section
 
 N_SAMPLES = 8  # reasons shown in report.json (report.md shows 5)
@@ -397,7 +435,8 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     from data_prep.synthetic import load_song_attributes
 
     # Every key of the section is always there (None when not measured), so readers need no special cases.
-    empty = {**reason_metrics([], []), "latency_ms_per_reason": None, "samples": []}
+    empty = {**reason_metrics([], []), "latency_ms_per_reason": None, "samples": [],
+             "prompt_dependence": {"answer_loss": None, "answer_loss_other_prompt": None, "prompt_gain": None}}
     n = int(cfg.eval.reasons)
     if n <= 0:
         return {**empty, "skipped": "eval.reasons=0: reason generation turned off"}
@@ -435,7 +474,9 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     samples = [{"user": cases[i].user_id, "song": cases[i].song_id, "history": cases[i].history, "reason": texts[i],
                 "claims": _claims_json(cl), "template_reason": templates[i]}
                for i, cl in zip(kept[:N_SAMPLES], claims[:N_SAMPLES])]
-    return {**section, **metrics,
+    dependence = prompt_dependence(model, features, [c.prompt for c in cases], templates, batch_size=GEN_BATCH,
+                                   max_length=cfg.train.max_length)
+    return {**section, **metrics, "prompt_dependence": dependence,
             "latency_ms_per_reason": 1000 * gen_s / len(kept) if kept else None,
             "max_new_tokens": cfg.eval.reasons_max_new_tokens, "batch_size": GEN_BATCH,
             "prompts_too_long": len(texts) - len(kept),

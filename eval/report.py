@@ -700,6 +700,11 @@ def reasons_markdown(r: dict) -> list[str]:
     if rows:
         out += ["", "| reasons | " + " | ".join(REASON_COLUMNS) + " |", "|---" * (len(REASON_COLUMNS) + 1) + "|"]
         out += [f"| {name} | " + " | ".join(_num(m.get(c)) for c in REASON_COLUMNS) + " |" for name, m in rows]
+        dep = r.get("prompt_dependence") or {}
+        if dep.get("prompt_gain") is not None:
+            out += ["", f"Does the model read its prompt? Answer loss of the template reasons after their own prompt "
+                        f"{dep['answer_loss']:.3f}, after another play's prompt {dep['answer_loss_other_prompt']:.3f} "
+                        f"(gain {dep['prompt_gain']:.3f}; near 0 = the prompt is ignored)."]
         out += ["", f"Claims (genre, mood, instrument, tempo, key, artist, a quoted history title) checked against "
                     f"{r.get('ground_truth', 'the catalog')}; faithfulness = true claims / claims, hallucination "
                     f"rate = reasons with a false claim / reasons."]

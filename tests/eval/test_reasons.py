@@ -271,6 +271,34 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run, synthetic
     assert cut[shortest] == batched[shortest] and None in cut
 
 
+def test_prompt_dependence_compares_own_and_rotated_prompts(tiny_run, synthetic_catalog):
+    from llmrec.features import load_media_features
+    from llmrec.model.bundle import load_bundle
+
+    cfg, run = tiny_run
+    model, _ = load_bundle(run.model / "bundle")
+    features = load_media_features(run.features)
+    cases, _ = rs.sample_cases(synthetic_catalog.songs, *split_frames(synthetic_catalog, cfg), 4, seed=0,
+                               prompt_config=cfg.prompt)
+    prompts = [c.prompt for c in cases]
+    answers = ["a slow piano song.", "Recommended because it is fast.", "A calm cover.", "Like your jazz plays."]
+    dep = rs.prompt_dependence(model, features, prompts, answers, batch_size=3, max_length=4096)
+    # by hand: the first pair alone, teacher-forced, is what the own-prompt loss averages over with the others
+    collate = MultimodalCollator(model.tokenizer, features, K, K, max_length=4096)
+    batch = collate([{"prompt": prompts[0].text, "answer": answers[0], "audio_song_ids": prompts[0].audio_song_ids,
+                      "cover_song_ids": prompts[0].cover_song_ids}])
+    with torch.inference_mode():
+        first = float(model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss)
+    one = rs.prompt_dependence(model, features, prompts[:1] * 2, answers[:1] * 2, max_length=4096)
+    assert one["answer_loss"] == pytest.approx(first, rel=1e-5) and one["prompt_gain"] == pytest.approx(0, abs=1e-6)
+    assert np.isfinite(dep["answer_loss"]) and np.isfinite(dep["answer_loss_other_prompt"])
+    assert dep["prompt_gain"] == pytest.approx(dep["answer_loss_other_prompt"] - dep["answer_loss"])
+    # one identical prompt for every answer: rotating the answers only reorders the pairs, so the gain is 0
+    same = rs.prompt_dependence(model, features, prompts[:1] * 4, answers, batch_size=4, max_length=4096)
+    assert same["prompt_gain"] == pytest.approx(0, abs=1e-5)
+    assert rs.prompt_dependence(model, features, prompts[:1], answers[:1])["prompt_gain"] is None
+
+
 def test_eval_report_has_a_reasons_section(tiny_run):
     cfg, run = tiny_run
     run_eval(cfg, run, argparse.Namespace(no_progress=True))
@@ -282,6 +310,9 @@ def test_eval_report_has_a_reasons_section(tiny_run):
     assert r["faithfulness"] is None or 0.0 <= r["faithfulness"] <= 1.0
     assert r["latency_ms_per_reason"] > 0 and r["claims_per_reason"] >= 0
     assert r["template"]["faithfulness"] == 1.0
+    dep = r["prompt_dependence"]
+    assert dep["answer_loss"] > 0 and dep["prompt_gain"] == pytest.approx(dep["answer_loss_other_prompt"] -
+                                                                         dep["answer_loss"])
     # The section agrees with the checker on the very texts it reports (all 4 are among the samples).
     checker = rs.ReasonChecker(load_catalog(run.catalog).songs,
                                load_song_attributes(run.catalog), cfg.prompt)
