@@ -64,10 +64,12 @@ BPR_GRID_1 = [{"factors": 64, "learning_rate": lr, "regularization": r, "iterati
 BPR_FACTORS = (32, 64, 128)
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 BLEND_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
-COLD_OFFSETS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # in units of a per-user score standard deviation
+# The hybrid's offset for new songs, in units of a per-user score standard deviation (`Hybrid`).
+COLD_OFFSETS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 DEFAULTS = {"itemknn": {"k": 100, "shrink": 10.0}, "als": {"factors": 64, "regularization": 0.1, "alpha": 10.0},
             "bpr": {"factors": 64, "learning_rate": 0.01, "regularization": 0.01, "iterations": 300},
-            "text2cf": {"alpha": 10.0}, "llmrec": {"alpha": 10.0}, "hybrid": {"weight": 0.5, "cold_offset": 0.0, "cf": "als"}}
+            "text2cf": {"alpha": 10.0}, "llmrec": {"alpha": 10.0},
+            "hybrid": {"weight": 0.5, "cold_offset": 0.0, "cf": "als"}}
 USER_TOWERS = ("cf", "history")
 
 

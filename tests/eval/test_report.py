@@ -126,7 +126,8 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     grid = report["tuning"]["grid"]
     # the weight is chosen first (its grid at offset 0), then the offset at that weight
     assert [r["weight"] for r in grid["hybrid-weight"]] == list(rep.BLEND_WEIGHTS)
-    assert {r["weight"] for r in grid["hybrid"]} == {hybrid["weight"]}  # the hybrid's CF partner is the CF model with the best validation recall
+    assert {r["weight"] for r in grid["hybrid"]} == {hybrid["weight"]}
+    # the hybrid's CF partner is the CF model with the best validation recall
     best_valid = {m: max(r["valid_recall@20"] for r in grid[m]) for m in ("itemknn", "als", "bpr")}
     assert report["hyperparameters"]["hybrid"]["cf"] == max(best_valid, key=best_valid.get)
     assert rep.LLMREC_NOT_TRAINED not in report["notes"]
@@ -231,7 +232,8 @@ def test_hybrid_blends_warm_songs_and_uses_content_alone_for_cold():
 def test_hybrid_cold_offset_moves_only_cold_songs_and_cached_scores_match_the_model():
     import scipy.sparse as sp
 
-    cf, content = Fixed([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]), Fixed([[0.0, 1.0, 2.0, 5.0], [1.0, 0.0, 4.0, 2.0]])
+    cf = Fixed([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]])
+    content = Fixed([[0.0, 1.0, 2.0, 5.0], [1.0, 0.0, 4.0, 2.0]])
     warm = np.array([True, True, False, False])
     base = rep.Hybrid(cf, content, warm, 0.6).score([0, 1], None)
     moved = rep.Hybrid(cf, content, warm, 0.6, cold_offset=-1.5).score([0, 1], None)
