@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,19 +65,22 @@ class ShardedRows:
     def _rows(self, idx: Sequence[int]) -> torch.Tensor:
         out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
         n = self.shape[0]
+        slices: dict[int, Any] = {}  # one slice object per shard touched by this call
         for j, i in enumerate(idx):
             i = int(i)
             if not -n <= i < n:
                 raise IndexError(f"row {i} is out of range for {n} songs")
             i %= n
             shard = bisect.bisect_right(self.starts, i) - 1
+            if shard not in slices:
+                slices[shard] = self._slice(shard)
             local = i - self.starts[shard]
-            out[j] = self._slice(shard)[local:local + 1][0]
+            out[j] = slices[shard][local:local + 1][0]
         return out
 
     def __getitem__(self, item) -> torch.Tensor:
         if isinstance(item, (int, np.integer)) or (torch.is_tensor(item) and item.ndim == 0
-                                                   and not item.dtype == torch.bool):
+                                                   and item.dtype != torch.bool):
             return self._rows([int(item)])[0]
         if isinstance(item, slice):
             return self._rows(range(*item.indices(self.shape[0])))
