@@ -247,16 +247,19 @@ def test_template_reasons_pass_the_checker(synthetic_catalog, quick_config):
     assert m["faithfulness"] == 1.0 and m["hallucination_rate"] == 0.0
 
 
-def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run, synthetic_catalog):
+def model_and_prompts(tiny_run, catalog, n: int):
+    """The tiny run's bundle, its features and the prompts of `n` sampled held-out plays."""
     from llmrec.features import load_media_features
     from llmrec.model.bundle import load_bundle
 
     cfg, run = tiny_run
     model, _ = load_bundle(run.model / "bundle")
-    features = load_media_features(run.features)
-    cases, _ = rs.sample_cases(synthetic_catalog.songs, *split_frames(synthetic_catalog, cfg), 3, seed=0,
-                               prompt_config=cfg.prompt)
-    prompts = [c.prompt for c in cases]
+    cases, _ = rs.sample_cases(catalog.songs, *split_frames(catalog, cfg), n, seed=0, prompt_config=cfg.prompt)
+    return model, load_media_features(run.features), [c.prompt for c in cases]
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run, synthetic_catalog):
+    model, features, prompts = model_and_prompts(tiny_run, synthetic_catalog, 3)
     batched, seconds = rs.generate_reasons(model, features, prompts, 5, batch_size=3, max_length=4096)
     alone = [rs.generate_reasons(model, features, [p], 5, batch_size=1, max_length=4096)[0][0] for p in prompts]
     assert batched == alone and all(isinstance(t, str) for t in batched) and seconds > 0
@@ -272,15 +275,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run, synthetic
 
 
 def test_prompt_dependence_compares_own_and_rotated_prompts(tiny_run, synthetic_catalog):
-    from llmrec.features import load_media_features
-    from llmrec.model.bundle import load_bundle
-
-    cfg, run = tiny_run
-    model, _ = load_bundle(run.model / "bundle")
-    features = load_media_features(run.features)
-    cases, _ = rs.sample_cases(synthetic_catalog.songs, *split_frames(synthetic_catalog, cfg), 4, seed=0,
-                               prompt_config=cfg.prompt)
-    prompts = [c.prompt for c in cases]
+    model, features, prompts = model_and_prompts(tiny_run, synthetic_catalog, 4)
     answers = ["a slow piano song.", "Recommended because it is fast.", "A calm cover.", "Like your jazz plays."]
     dep = rs.prompt_dependence(model, features, prompts, answers, batch_size=3, max_length=4096)
     # by hand: the first pair alone, teacher-forced, is what the own-prompt loss averages over with the others

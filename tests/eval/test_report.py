@@ -248,23 +248,13 @@ def test_hybrid_cold_offset_moves_only_cold_songs_and_cached_scores_match_the_mo
 def test_ties_are_broken_in_a_fixed_random_order_not_by_catalogue_index():
     import scipy.sparse as sp
 
-    class Scores(rep.Recommender):
-        def __init__(self, s):
-            self.s, self.n_items = np.asarray(s, np.float32), len(s[0])
-
-        def fit(self, train, **side):
-            return self
-
-        def score(self, user_idx, train):
-            return np.repeat(self.s, len(user_idx), axis=0)
-
     n = 50
     train = sp.csr_matrix(([1.0], ([1], [3])), shape=(2, n), dtype=np.float32)  # user 1 has seen song 3
     order = rep.tie_order(n, seed=0)
-    flat = rep.rank_users(Scores(np.zeros((1, n))), train, np.array([0, 1]), 5, [None], order)[0]
+    flat = rep.rank_users(Fixed(np.zeros((2, n))), train, np.array([0, 1]), 5, [None], order)[0]
     assert list(flat[0]) == list(order[:5]) != list(range(5))  # all tied: the shuffled order decides
     assert 3 not in flat[1]  # a seen song is never recommended, whatever the order
-    graded = rep.rank_users(Scores(-np.arange(n)[None, :]), train, np.array([0]), 5, [None], order)[0]
+    graded = rep.rank_users(Fixed(-np.arange(n)[None, :]), train, np.array([0]), 5, [None], order)[0]
     assert list(graded[0]) == [0, 1, 2, 3, 4]  # real score differences are untouched
 
 
