@@ -7,6 +7,10 @@ On the synthetic catalog (generated into a temporary directory) with the tiny en
   2. one process, torch threads = cores (intra-op parallelism);
   3. a pool of N worker processes with one torch thread each (what `llmrec features` runs), both in steady state
      (workers started and encoders loaded) and including worker start-up;
+  4. cold, end to end, each in a fresh process (encoder loading and pool start-up included): the media alone, and
+     the stage's whole work (media + text features) in one process with all cores, in the pool with the text
+     after the media, and in the pool with the fork server started first and the text features computed while it
+     imports torch (what `llmrec features` does);
 and compares the pool with the ideal N x (single-thread rate). Every mode decodes, encodes and writes real
 shards with the code of data_prep/extract.py. Prints a table, the peak RSS per worker, and as its last line one
 JSON object with the figures.
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +37,7 @@ import torch  # noqa: E402
 from data_prep import extract  # noqa: E402
 from data_prep.synthetic import generate_catalog  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402
+from llmrec.schema import Catalog  # noqa: E402
 from llmrec.model.encoders import MediaEncoder, save_encoder  # noqa: E402
 
 
@@ -39,7 +45,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.ShardTask], extract.WorkerSpec, int]:
+def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.ShardTask], extract.WorkerSpec, Catalog]:
     """Catalog + seeded tiny encoders saved as a run would have them; returns the shard plan and worker spec."""
     catalog = generate_catalog(cfg.synthetic, work / "catalog", seed=cfg.seed, progress=False)
     if songs:
@@ -49,7 +55,7 @@ def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.Shar
     save_encoder(enc.image_model, work / "encoders" / "image")
     spec = extract.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench", cfg.features.max_audio_seconds,
                               cfg.features.max_image_pixels)
-    return extract.plan_shards(catalog, cfg.features.shard_size, work), spec, len(catalog.songs)
+    return extract.plan_shards(catalog, cfg.features.shard_size, work), spec, catalog
 
 
 def retarget(tasks: list[extract.ShardTask], out: Path) -> list[extract.ShardTask]:
@@ -99,6 +105,56 @@ def pool(tasks, spec, workers: int, start_method: str) -> dict:
             "songs_per_s_with_startup": n / (seconds + startup), "peak_rss_mb": rss}
 
 
+# Cold, end-to-end modes: (name, pool?, when the text features run: None, "before" or "after" the media)
+COLD_MODES = [
+    ("media: one process", False, None),
+    ("media: pool", True, None),
+    ("stage: one process", False, "before"),
+    ("stage: pool, text after the media", True, "after"),
+    ("stage: pool, text while the pool starts", True, "before"),
+]
+
+
+def _end_to_end_child(tasks, spec, mode: tuple, workers: int, catalog, cfg, out_dir: Path, out) -> None:
+    """In a fresh process (so the fork server starts cold, as in a real `llmrec features` run): encoders loaded,
+    the pool started, every shard, and (for the `stage` modes) the text features on all cores, before or after the
+    media. The clock starts after this process's imports, like a CLI run whose torch is already imported. With
+    the text first, the pool modes start the fork server before it, as `llmrec features` does."""
+    _, use_pool, text_when = mode
+    extract._quiet_hf_progress()
+    torch.set_num_threads(cores())  # text features and the one-process media use every core; pool shards use one
+    t0 = time.perf_counter()
+    songs = []
+    on_done = lambda record: songs.append(len(record["song_ids"]))  # noqa: E731
+    text = partial(extract.build_text_features, catalog, cfg, out_dir, progress=False)
+    if use_pool and text_when == "before":
+        extract.start_fork_server("forkserver")
+    if text_when == "before":
+        text()
+    if use_pool:
+        extract.run_pool(tasks, spec, workers, on_done)
+    else:
+        extract.run_in_process(tasks, spec, on_done, threads=cores())
+    if text_when == "after":
+        text()
+    seconds = time.perf_counter() - t0
+    out.put({"songs_per_s": sum(songs) / seconds, "seconds": seconds})
+
+
+def end_to_end(tasks, spec, mode: tuple, workers: int, catalog, cfg, out_dir: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_end_to_end_child, args=(tasks, spec, mode, workers, catalog, cfg, out_dir, out))
+    proc.start()
+    result = out.get()
+    proc.join()
+    return result
+
+
+def ratio(cold: dict, a: str, b: str) -> float:
+    return round(cold[a]["songs_per_s"] / cold[b]["songs_per_s"], 3)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick catalog (144 songs) instead of the default")
@@ -117,7 +173,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        tasks, spec, n_songs = setup(cfg, work, args.songs or None)
+        tasks, spec, catalog = setup(cfg, work, args.songs or None)
+        n_songs = len(catalog.songs)
         print(f"catalog: {n_songs} songs of {cfg.synthetic.audio_seconds:g} s audio + {cfg.synthetic.cover_size} px "
               f"covers, {len(tasks)} shards of {cfg.features.shard_size}; set up in {time.perf_counter() - t0:.1f}s; "
               f"{n_cores} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -127,6 +184,11 @@ def main() -> int:
         print(f"1 process x {n_cores} threads: {multi['songs_per_s']:.1f} songs/s", flush=True)
         torch.set_num_threads(1)
         pooled = pool(retarget(tasks, work / "pool"), spec, workers, args.start_method)
+        cold = {}
+        for i, mode in enumerate(COLD_MODES):
+            out_dir = work / f"cold_{i}"
+            cold[mode[0]] = end_to_end(retarget(tasks, out_dir), spec, mode, workers, catalog, cfg, out_dir)
+            print(f"cold, end to end, {mode[0]}: {cold[mode[0]]['seconds']:.1f}s", flush=True)
     ideal = workers * one["songs_per_s"]
     main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -140,11 +202,13 @@ def main() -> int:
         (f"  incl. worker start-up ({pooled['startup_s']:.1f}s)", pooled["songs_per_s_with_startup"],
          pooled["seconds"] + pooled["startup_s"], f"{pooled['songs_per_s_with_startup'] / one['songs_per_s']:.2f}", ""),
         (f"ideal: {workers} x single-thread rate", ideal, n_songs / ideal, f"{workers:.2f}", ""),
+        *[(f"cold {mode}", r["songs_per_s"], r["seconds"], f"{r['songs_per_s'] / one['songs_per_s']:.2f}", "")
+          for mode, r in cold.items()],
     ]
     print()
-    print(f"{'mode':42s} {'songs/s':>9s} {'seconds':>8s} {'x 1 thread':>10s}  peak RSS MB per worker")
+    print(f"{'mode':44s} {'songs/s':>9s} {'seconds':>8s} {'x 1 thread':>10s}  peak RSS MB per worker")
     for name, rate, sec, speed, rss in rows:
-        print(f"{name:42s} {rate:9.1f} {sec:8.2f} {speed:>10s}  {rss}")
+        print(f"{name:44s} {rate:9.1f} {sec:8.2f} {speed:>10s}  {rss}")
     result = {
         "songs": n_songs,
         "cores": n_cores,
@@ -159,6 +223,12 @@ def main() -> int:
         "speedup_vs_one_process": round(pooled["songs_per_s"] / multi["songs_per_s"], 3),
         "speedup_vs_one_thread": round(pooled["songs_per_s"] / one["songs_per_s"], 3),
         "efficiency_vs_ideal": round(pooled["songs_per_s"] / ideal, 3),
+        "cold_end_to_end_songs_per_s": {m: round(r["songs_per_s"], 2) for m, r in cold.items()},
+        "cold_media_speedup_vs_one_process": ratio(cold, "media: pool", "media: one process"),
+        "cold_stage_speedup_vs_one_process": ratio(cold, "stage: pool, text while the pool starts",
+                                                   "stage: one process"),
+        "cold_stage_gain_of_early_pool_start": ratio(cold, "stage: pool, text while the pool starts",
+                                                     "stage: pool, text after the media"),
         "peak_rss_mb_per_worker": {str(k): round(v, 1) for k, v in pooled["peak_rss_mb"].items()},
         "load_average_1min": round(os.getloadavg()[0], 2),
     }

@@ -19,8 +19,9 @@ killed with kill -9 therefore loses at most the shards that were in flight; the 
 own metadata where it lags behind.
 
 Engines: `pool` (concurrent.futures process pool, forkserver/spawn, one torch thread per worker, model loaded once
-per worker, decoding of the next song overlapped with encoding of the current one) or `ray` (the same shard
-function as Ray tasks, for clusters).
+per worker, decoding of the next song overlapped with encoding of the current one; the fork server is started
+first, so that its imports overlap the encoders and the text features in the main process) or `ray` (the same
+shard function as Ray tasks, for clusters).
 """
 from __future__ import annotations
 
@@ -511,14 +512,25 @@ def run_in_process(tasks: list[ShardTask], spec: WorkerSpec, on_done: Callable[[
         torch.set_num_threads(before)
 
 
+def start_fork_server(start_method: str) -> mp.context.BaseContext:
+    """The multiprocessing context for the pool; under forkserver, also start the fork server now, in the
+    background. It imports torch and transformers once (~4.5 s of one core here) and every worker then forks from
+    it in milliseconds. Called at the start of the stage, so that the import overlaps the stage's own work in this
+    process (encoder loading or pretraining, text features) instead of delaying the first shard. Idempotent."""
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["data_prep.extract", "transformers.models.hubert.modeling_hubert",
+                                    "transformers.models.vit.modeling_vit"])
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # spawns the server and returns; it does not wait for the imports
+    return ctx
+
+
 def run_pool(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Callable[[dict], None],
              start_method: str = "forkserver") -> None:
     """A process pool with the encoders loaded once per worker in its initializer."""
-    ctx = mp.get_context(start_method)
-    if start_method == "forkserver":
-        # The fork server imports torch/transformers once; every worker then forks from it in milliseconds.
-        ctx.set_forkserver_preload(["data_prep.extract", "transformers.models.hubert.modeling_hubert",
-                                    "transformers.models.vit.modeling_vit"])
+    ctx = start_fork_server(start_method)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
                              initargs=(spec, os.getpid())) as pool:
         futures = {pool.submit(run_shard, t): t for t in tasks}
@@ -665,6 +677,8 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
         raise ValueError(f"features.engine {f.engine!r}: choose one of {list(ENGINES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    if f.engine == "pool" and resolve_workers(f.workers) > 1:
+        start_fork_server(f.start_method)  # its imports overlap the encoders and the text features below
     encoders = prepare_encoders(cfg, catalog, out_dir / "encoders", progress)
     fhash = features_hash(cfg, encoders)
     plan = plan_shards(catalog, f.shard_size, out_dir)
@@ -673,6 +687,8 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
               "shard_size": f.shard_size, "num_songs": len(catalog.songs)}
     manifest = Manifest.open(out_dir / "manifest.json", header)
     todo = [t for t in mine if not manifest.is_done(t)]
+    # Rank 0 writes the text features for the whole catalogue; before the media, while the fork server imports.
+    text = build_text_features(catalog, cfg, out_dir, progress) if f.shard_index == 0 else None
     _clean_stale_temp_files(todo)
     spec = WorkerSpec(cfg.model, str(out_dir / "encoders"), cfg.seed, fhash, f.max_audio_seconds,
                       f.max_image_pixels)
@@ -699,7 +715,6 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
         bar.close()
         manifest.save(plan, force=True)  # whatever finished is recorded, even when a shard failed
     media_seconds = time.perf_counter() - t0
-    text = build_text_features(catalog, cfg, out_dir, progress) if f.shard_index == 0 else None
     if text:
         manifest.extra["text"] = text
     manifest.save(plan, force=True)
