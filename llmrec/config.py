@@ -185,6 +185,9 @@ class EvalConfig:
     # map fitted on warm songs (every song goes through its embedding, so it is still a pure content model);
     # `history` = cosine to the mean of the user's history embeddings (catalogue mean removed).
     user_tower: str = "cf"
+    # `hybrid-tail`: the hybrid tuned (popularity penalty + cold offset) for the most long-tail songs in its
+    # validation top 20 while its NDCG@20 stays within this fraction of ALS's (eval/report.py `_tune_tail`).
+    tail_ndcg_budget: float = 0.05
     # Reason quality (eval/reasons.py): held-out plays explained by the bundle and checked against the catalog;
     # small so that the demo's eval stays fast on CPU (0 turns generation off).
     reasons: int = 16

@@ -245,6 +245,42 @@ def test_hybrid_cold_offset_moves_only_cold_songs_and_cached_scores_match_the_mo
         cached.score([2], train)
 
 
+def test_hybrid_popularity_penalty_lowers_popular_known_songs_only():
+    cf = Fixed([[3.0, 1.0, 2.0, 0.0, 0.0]])
+    content = Fixed([[0.0, 1.0, 2.0, 4.0, 5.0]])
+    warm = np.array([True, True, True, False, False])
+    pop = np.array([99.0, 9.0, 0.0, 0.0, 0.0])  # song 2 is warm by the mask here; its log(1+plays) is 0
+    base = rep.Hybrid(cf, content, warm, 0.5, item_pop=pop).score([0], None)
+    penalised = rep.Hybrid(cf, content, warm, 0.5, pop_penalty=0.5, item_pop=pop).score([0], None)
+    log_pop = np.log1p(pop[:3])
+    expected_z = (log_pop - log_pop.mean()) / log_pop.std()  # z over the known songs only
+    assert np.allclose(penalised[0, :3], base[0, :3] - 0.5 * expected_z, atol=1e-6)
+    assert np.allclose(penalised[0, 3:], base[0, 3:])  # new songs: content + offset, untouched
+    assert penalised[0, 0] < base[0, 0] and penalised[0, 2] > base[0, 2]
+    with pytest.raises(ValueError, match="item_pop"):
+        rep.Hybrid(cf, content, warm, 0.5, pop_penalty=0.5)
+
+
+def test_hybrid_tail_takes_the_most_tail_within_the_ndcg_budget(tmp_path, synthetic_catalog, eval_cfg):
+    """On validation (the tuning log), the chosen setting keeps NDCG@20 within the budget of ALS's and has the
+    largest tail share among the settings that do; on test it is reported beside the hybrid."""
+    run = make_run(tmp_path / "run", synthetic_catalog.root)
+    songs, attrs = synthetic_catalog.songs, load_song_attributes(synthetic_catalog.root)
+    vecs = one_hot_vectors(songs, attrs, ["genre", "mood"], 0.3, 2)
+    write_vectors(run.model / "embeddings.safetensors", "embeddings", list(songs.song_id), vecs, "test")
+    report = json.loads(open(rep.run_eval(eval_cfg, run, QUIET)["report"]).read())
+    chosen = report["hyperparameters"]["hybrid-tail"]
+    assert chosen["ndcg_budget"] == eval_cfg.eval.tail_ndcg_budget
+    assert chosen["weight"] == report["hyperparameters"]["hybrid"]["weight"]
+    log = report["tuning"]["grid"]["hybrid-tail"]
+    assert len(log) == len(rep.POP_PENALTIES) * len(rep.COLD_OFFSETS)
+    within = [r for r in log if r["within_ndcg_budget"]]
+    assert within, "no setting kept within the NDCG budget on this fixture"
+    best = max(within, key=lambda r: r["valid_tail_share@20"])
+    assert (chosen["pop_penalty"], chosen["cold_offset"]) == (best["pop_penalty"], best["cold_offset"])
+    assert {"hybrid", "hybrid-tail"} <= set(report["results"]["all"])
+
+
 def test_ties_are_broken_in_a_fixed_random_order_not_by_catalogue_index():
     import scipy.sparse as sp
 
