@@ -404,10 +404,9 @@ def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.nda
         _tune_tail(tuned, d, als, cf, content, tail_ndcg_budget)
     if progress:
         for name, params in tuned.params.items():
-            log = tuned.log[name]
-            key = "valid_tail_share@20" if name == "hybrid-tail" else "valid_recall@20"
-            print(f"  tuned {name} ({len(log)} settings): {params}, validation {key[6:]} "
-                  f"{max(r[key] for r in log):.4f}")
+            chosen = next((r for r in tuned.log[name] if all(r.get(k, v) == v for k, v in params.items())), {})
+            figures = ", ".join(f"{k[6:]} {v:.4f}" for k, v in chosen.items() if k.startswith("valid_"))
+            print(f"  tuned {name} ({len(tuned.log[name])} settings): {params}, validation {figures}")
     return tuned
 
 
