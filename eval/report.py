@@ -16,8 +16,9 @@ Protocol (DESIGN.md, "Evaluation"):
   training part), text (ContentKNN on sentence embeddings of the song text), text2cf (ridge map from text to ALS
   factors for cold songs) and, once `llmrec train` has written `model/embeddings.safetensors`, llmrec (the LLM's
   song embeddings scored with the user tower named by `eval.user_tower`; the other tower is reported as
-  `llmrec-<tower>`) and hybrid (the best-validating CF model blended with llmrec on warm songs, llmrec alone on
-  cold songs).
+  `llmrec-<tower>`), hybrid (the best-validating CF model blended with llmrec on warm songs, llmrec alone on
+  cold songs, tuned for recall) and hybrid-tail (the same blend with a popularity penalty, tuned for long-tail
+  exposure within an NDCG budget of ALS's, `eval.tail_ndcg_budget`).
 * Content models that pool history vectors (text, llmrec-history) remove the catalogue's mean vector first
   (ContentKNN(center=True)): the same treatment for every content model, so no baseline is weakened.
 """
