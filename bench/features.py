@@ -92,11 +92,8 @@ def _ping(delay: float) -> int:
 
 def pool(tasks, spec, workers: int, start_method: str) -> dict:
     """Steady state: the workers are started and have loaded the encoders before the clock starts."""
-    ctx = mp.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload(["data_prep.extract", "transformers.models.hubert.modeling_hubert",
-                                    "transformers.models.vit.modeling_vit"])
     t_start = time.perf_counter()
+    ctx = extract.start_fork_server(start_method)  # the context `llmrec features` uses (server preloads included)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=extract.init_worker,
                              initargs=(spec, os.getpid())) as ex:
         pids: set[int] = set()

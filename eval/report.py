@@ -357,8 +357,9 @@ def inner_validation(train_df: pd.DataFrame, seed: int) -> Split:
 def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.ndarray | None, seed: int,
          progress: bool, user_tower: str = "cf", tail_ndcg_budget: float = 0.05) -> Tuned:
     """Grid-search the CF hyperparameters on warm validation recall@20, then the ridge strengths of text2cf and
-    llmrec's CF tower on cold validation songs and the hybrid blend weight on all validation songs. The test part
-    is never touched."""
+    llmrec's CF tower on cold validation songs, the hybrid's blend weight (warm validation) and cold offset (all
+    validation), and hybrid-tail's popularity penalty and cold offset (`_tune_tail`). The test part is never
+    touched. Without llmrec embeddings there is no hybrid to tune, and no hybrid-tail."""
     inner = inner_validation(train_df, seed)
     d = build_data(catalog, inner.train, inner.test, seed)
     tuned = Tuned(how=f"grid search on an item hold-out of the training part ({len(inner.train)} fit / "
