@@ -1,15 +1,23 @@
 """Training strategies side by side: DDP vs DeepSpeed ZeRO-2 vs ZeRO-3, 2 processes, same model and batch.
 
-    python bench/train.py [--quick] [--nproc 2] [--hidden H] [--layers L] [--steps N]
+    python bench/train.py [--quick] [--nproc 2] [--hidden 1024] [--layers 12] [--steps N] [--batch-size B]
 
 Each strategy runs `train.tinyjob` (stage-2-shaped: LoRA + projectors + heads, LM loss + 2 InfoNCE losses) under
 `torchrun --nproc_per_node 2` with DS_ACCELERATOR=cpu and gloo on CPU (nccl on GPUs). Measured per strategy:
 median step time after the first step, tokens/s over all processes (prompt+answer tokens of the LM batch and of
 both embedding batches), and per-process peak RSS up to the last training step ("model" = that peak minus the RSS
 before the model was built, i.e. without the ~0.5 GB of imported libraries), and the parameter storage each
-process holds after `prepare` (ZeRO-3 keeps a 1/N partition). On CPU, RSS also counts allocator caching of ZeRO-3's
-transient all-gathered parameters, so at this small scale it need not fall with ZeRO-3 (see README). ZeRO-3
-builds the backbone already partitioned (zero.Init), as from_pretrained does for a real checkpoint.
+process holds after `prepare` (ZeRO-3 keeps a 1/N partition). ZeRO-3 builds the backbone already partitioned
+(zero.Init), as from_pretrained does for a real checkpoint.
+
+Two ZeRO-3 rows: `zero3` is train/configs/zero3.json as shipped, whose live-parameter cache and reuse distance
+(1e9 parameters, HF's recommendation for GPUs) exceed these models, so after the first step every gathered layer
+stays gathered; `zero3-capped` caps both at --zero3-live parameters, the setting for memory over speed.
+
+RSS on CPU also counts what the C allocator keeps: glibc's mmap threshold adapts upwards once large blocks are
+freed, so later ZeRO-3 all-gather buffers and activations come from the heap and are not returned to the system.
+Every strategy therefore runs with MALLOC_MMAP_THRESHOLD_=65536 (a fixed threshold; --malloc-default leaves glibc's
+adaptive one), so that peak RSS measures memory in use, not allocator retention.
 
 Also counts LoRA's trainable share of the backbone for the `base` preset on a meta-device Baichuan2-7B-shaped Llama
 (no weights allocated) and for the `tiny` preset. Prints a table; the last line is one JSON object.
@@ -36,13 +44,25 @@ BAICHUAN2_7B = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichua
                 "vocab_size": 125696, "model_max_length": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
 
 
+def strategy_command(strategy: str, args) -> tuple[str, list[str]]:
+    """(train.tinyjob strategy, its extra arguments) of a bench strategy name."""
+    if strategy == "zero3-capped":
+        cap = str(int(args.zero3_live))
+        return "zero3", ["--ds-set", f"zero_optimization.stage3_max_live_parameters={cap}",
+                         "--ds-set", f"zero_optimization.stage3_max_reuse_distance={cap}"]
+    return strategy, []
+
+
 def run_strategy(strategy: str, out: Path, args) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not args.malloc_default:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    job, extra = strategy_command(strategy, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-           str(args.port), "-m", "train.tinyjob", "--strategy", strategy, "--out", str(out), "--steps",
+           str(args.port), "-m", "train.tinyjob", "--strategy", job, "--out", str(out), "--steps",
            str(args.steps), "--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--layers",
-           str(args.layers)]
+           str(args.layers), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -88,15 +108,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (CI / 2-core machines)")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=None)
+    # 1024 x 12 (~130M parameters, 3M trainable): big enough that the frozen backbone, which ZeRO-3 partitions,
+    # dominates a process's memory, as it does at 7B; at 512 x 4 (11.6M) fixed overheads hide the 22 MB it saves.
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--port", type=int, default=29561)
-    ap.add_argument("--strategies", default="ddp,zero2,zero3")
+    ap.add_argument("--strategies", default="ddp,zero2,zero3,zero3-capped")
+    ap.add_argument("--zero3-live", type=float, default=1e6,
+                    help="zero3-capped: stage3_max_live_parameters and stage3_max_reuse_distance")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="keep glibc's adaptive mmap threshold (RSS then includes freed memory the allocator keeps)")
     args = ap.parse_args()
-    args.layers = args.layers or (4 if args.quick else 8)
-    args.steps = args.steps or (6 if args.quick else 20)
+    args.steps = args.steps or (4 if args.quick else 12)
+    args.batch_size = args.batch_size or (2 if args.quick else 4)
 
     shares = lora_shares()
     results = {}
@@ -110,10 +136,12 @@ def main() -> None:
     print(f"\nmodel: tiny Llama hidden={args.hidden} layers={args.layers} + LoRA/projectors/heads "
           f"({first['total'] / 1e6:.1f}M params, {first['trainable'] / 1e3:.0f}k trainable), batch "
           f"{args.batch_size}/process, {args.nproc} processes on {device}")
-    print(f"{'strategy':10s} {'step s':>8s} {'tokens/s':>10s} {'peak RSS MB':>12s} {'model MB':>9s} "
+    print(f"C allocator: {'glibc default' if args.malloc_default else 'MALLOC_MMAP_THRESHOLD_=65536'}; "
+          f"zero3-capped: live parameters and reuse distance {args.zero3_live:.0e}")
+    print(f"{'strategy':12s} {'step s':>8s} {'tokens/s':>10s} {'peak RSS MB':>12s} {'model MB':>9s} "
           f"{'params MB':>10s} {'loss':>7s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:12.0f} "
+        print(f"{name:12s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:12.0f} "
               f"{r['model_mem_mb']:9.0f} {r['param_mb']:10.1f} {r['final_loss']:7.3f}")
     print("(peak RSS: per process, up to the last step; model MB: that peak minus RSS before the model was built; "
           "params MB: parameter storage held per process)")
@@ -124,12 +152,15 @@ def main() -> None:
     ratios = {}
     if "ddp" in results and "zero2" in results:
         ratios["zero2_step_over_ddp"] = results["zero2"]["step_s"] / results["ddp"]["step_s"]
-    if "zero2" in results and "zero3" in results:
-        ratios["zero3_peak_rss_over_zero2"] = results["zero3"]["peak_rss_mb"] / results["zero2"]["peak_rss_mb"]
-        ratios["zero3_model_mem_over_zero2"] = results["zero3"]["model_mem_mb"] / results["zero2"]["model_mem_mb"]
-        ratios["zero3_param_mem_over_zero2"] = results["zero3"]["param_mb"] / results["zero2"]["param_mb"]
+    for z3 in ("zero3", "zero3-capped"):
+        if "zero2" in results and z3 in results:
+            key = z3.replace("-", "_")
+            for fig, label in (("peak_rss_mb", "peak_rss"), ("model_mem_mb", "model_mem"), ("param_mb", "param_mem"),
+                               ("step_s", "step")):
+                ratios[f"{key}_{label}_over_zero2"] = results[z3][fig] / results["zero2"][fig]
     print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     print(json.dumps({"device": device, "nproc": args.nproc, "hidden": args.hidden, "layers": args.layers,
+                      "zero3_live": args.zero3_live, "malloc_mmap_threshold": None if args.malloc_default else 65536,
                       "steps": args.steps, "batch_size": args.batch_size, "strategies": results, "ratios": ratios,
                       "lora_share": shares}))
 

@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import torch
 
-from llmrec.model.mm_lm import MediaBatch, expand_placeholders
+from llmrec.model.mm_lm import IGNORE_INDEX, MediaBatch, expand_placeholders
 
-IGNORE = -100  # label value that transformers' causal-LM loss skips
+IGNORE = IGNORE_INDEX  # label value that the causal-LM loss skips
 
 
 def media_rows(features, song_ids: Sequence[str], modality: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,23 +198,21 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
     pair_sampler = StepSampler(len(pairs), cfg.train.batch_size, cfg.seed + 3)
     t = cfg.train
 
-    def embed_songs(song_ids: list[str], gen: torch.Generator) -> torch.Tensor:
-        batch = collate(embedding_rows(prompts, song_ids))
-        media = drop_modalities(batch["media"], t.modality_dropout, gen)
-        return model.embed(batch["input_ids"], batch["attention_mask"], media)
-
     def loss_fn(step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a pure function of step: exact resume
         batch = collate([reasons[i] for i in lm_sampler.indices(step)])
-        media = drop_modalities(batch["media"], t.modality_dropout, gen)
-        loss = t.lm_weight * model(batch["input_ids"], batch["attention_mask"], batch["labels"], media).loss
+        batch["media"] = drop_modalities(batch["media"], t.modality_dropout, gen)
         rows = [pairs[i] for i in pair_sampler.indices(step)]
-        emb = embed_songs([r["song_id"] for r in rows], gen)
+        songs = [r["song_id"] for r in rows] + ([r["pos_song_id"] for r in rows] if t.colisten_weight else [])
+        song_batch = collate(embedding_rows(prompts, songs))
+        song_batch["media"] = drop_modalities(song_batch["media"], t.modality_dropout, gen)
+        # One backbone pass for the reasons and the songs (MultimodalLM.loss_and_embed says why it matters).
+        lm_loss, emb = model.loss_and_embed(batch, song_batch)
+        emb, pos = emb[:len(rows)], emb[len(rows):]
         cf = torch.tensor([r["cf_factor"] for r in rows], dtype=emb.dtype)
-        loss = loss + t.cf_weight * info_nce(model.id_head(emb), cf, t.temperature)
+        loss = t.lm_weight * lm_loss + t.cf_weight * info_nce(model.id_head(emb), cf, t.temperature)
         if t.colisten_weight:
-            loss = loss + t.colisten_weight * info_nce(emb, embed_songs([r["pos_song_id"] for r in rows], gen),
-                                                       t.temperature)
+            loss = loss + t.colisten_weight * info_nce(emb, pos, t.temperature)
         return loss
 
     return fit(model, model.parameters(), loss_fn, steps=t.stage2_steps, lr=t.lr, warmup_ratio=t.warmup_ratio,

@@ -53,8 +53,27 @@ def local_param_mb(model: torch.nn.Module) -> float:
     return total / 2**20
 
 
+def gathered_frozen_mb(model: torch.nn.Module) -> float:
+    """Frozen ZeRO-3 parameters held whole right now (gathered, not persistent by size). When the autograd pass
+    ends this should be 0 with no live-parameter cache: each layer is freed after its own backward. Layers still
+    gathered then were all resident at once at the end of the backward, which defeats the partitioning (see
+    `MultimodalLM.loss_and_embed`)."""
+    return sum(p.ds_numel * p.element_size() for p in model.parameters()
+               if getattr(p, "ds_status", None) is not None and p.ds_status.name == "AVAILABLE"
+               and not p.requires_grad and not p.ds_persist) / 2**20
+
+
 def _rss_mb() -> float:
+    """Peak resident set size so far (a high-water mark)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _current_rss_mb() -> float:
+    """Resident set size now (Linux /proc; 0 elsewhere), to tell a transient peak from memory that is still held."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lora_r: int = 4, lora: bool = True,
@@ -161,24 +180,34 @@ def main(argv: list[str] | None = None) -> None:
     tokens = [0]
     first_step_rss, param_mb = [0.0], [0.0]
     train_peak = [0.0]  # peak RSS up to the last step, before `fit` gathers the full weights back (ZeRO-3)
+    step_rss: list[tuple[float, float]] = []  # (current, peak) RSS as each step starts
+    gathered: list[float] = []  # gathered_frozen_mb when each step's autograd pass ends
+
+    def count_gathered_when_backward_ends(grad: torch.Tensor) -> torch.Tensor:
+        # The loss's gradient hook runs first in the backward; the callback it queues runs when the autograd pass
+        # ends, before DeepSpeed's own post-backward work (which re-partitions whatever is still gathered).
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: gathered.append(gathered_frozen_mb(model)))
+        return grad
 
     def loss_fn(step: int) -> torch.Tensor:
         if not clock:
             first_step_rss[0] = _rss_mb()  # after accelerator.prepare (DDP buckets / ZeRO partitions and buffers)
             param_mb[0] = local_param_mb(model)
         clock.append(time.perf_counter())
+        step_rss.append((round(_current_rss_mb(), 1), round(_rss_mb(), 1)))
         if args.step_sleep:
             time.sleep(args.step_sleep)
         batch = collate([reasons[i] for i in lm_sampler.indices(step)])
-        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"]).loss
         idx = pair_sampler.indices(step)
-        eb = collate(embed_rows([ids[i] for i in idx]))
-        emb = model.embed(eb["input_ids"], eb["attention_mask"], eb["media"])
-        loss = loss + info_nce(model.id_head(emb), cf[idx], 0.1)
-        pos = collate(embed_rows([ids[(i + 1) % len(ids)] for i in idx]))  # a fixed "co-listened" neighbour
-        tokens[0] += sum(int(b["attention_mask"].sum()) for b in (batch, eb, pos))
+        # the songs, then a fixed "co-listened" neighbour of each, embedded in the reasons' backbone pass
+        eb = collate(embed_rows([ids[i] for i in idx] + [ids[(i + 1) % len(ids)] for i in idx]))
+        lm_loss, emb_all = model.loss_and_embed(batch, eb)
+        emb, pos = emb_all[:len(idx)], emb_all[len(idx):]
+        tokens[0] += sum(int(b["attention_mask"].sum()) for b in (batch, eb))
         train_peak[0] = _rss_mb()
-        return loss + 0.5 * info_nce(emb, model.embed(pos["input_ids"], pos["attention_mask"], pos["media"]), 0.1)
+        loss = lm_loss + info_nce(model.id_head(emb), cf[idx], 0.1) + 0.5 * info_nce(emb, pos, 0.1)
+        loss.register_hook(count_gathered_when_backward_ends)
+        return loss
 
     t0 = time.perf_counter()
     losses = fit(model, model.parameters(), loss_fn, steps=args.steps, lr=args.lr, warmup_ratio=0.0,
@@ -196,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
              "train_peak_rss_mb": train_peak[0],
              "rss_before_model_mb": rss_before_model, "rss_after_build_mb": rss_after_build,
              "rss_after_prepare_mb": first_step_rss[0], "local_param_mb": param_mb[0],
+             "rss_at_step_start_mb": step_rss, "rss_end_mb": _current_rss_mb(), "gathered_frozen_mb": gathered,
              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "total": sum(p.numel() for p in model.parameters())}
     (args.out / f"stats_rank{rank}.json").write_text(json.dumps(stats))

@@ -91,9 +91,4 @@ class Engine(ABC):
 def concat_media(items: list[EngineInput]) -> MediaBatch:
     """The media rows of a batch of requests in placeholder order (row-major: request by request), which is the
     order `MultimodalLM.splice` fills them in."""
-    import torch
-
-    texts = [it.media.text for it in items]
-    return MediaBatch(*(torch.cat([getattr(it.media, f) for it in items])
-                        for f in ("audio", "audio_present", "cover", "cover_present")),
-                      text=torch.cat(texts) if texts and all(t is not None for t in texts) else None)
+    return MediaBatch.cat([it.media for it in items])

@@ -172,3 +172,45 @@ def test_text_fusing_model_needs_and_uses_the_sentence_rows(model):
         a, b = fused.embed(ids, mask, m), fused.embed(ids, mask, same)
     torch.testing.assert_close(a[0], b[0])
     assert not torch.allclose(a[1], b[1])  # only the row whose text features changed moves
+
+
+def right_padded(model, texts, answer_from=None):
+    """input_ids, attention_mask, labels (-100 before token `answer_from` and on pads), right-padded."""
+    rows = [model.tokenizer(expand_placeholders(t, KA, KC)).input_ids for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), model.tokenizer.pad_token_id)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        if answer_from is not None:
+            labels[i, answer_from:len(r)] = torch.tensor(r[answer_from:])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_one_pass_loss_and_embeddings_equal_the_separate_calls(model):
+    """Training's single backbone pass (reasons + songs stacked, so ZeRO-3 frees each layer after its backward)
+    gives the same loss, embeddings and gradients as the LM forward and `embed` run apart."""
+    lm = right_padded(model, [f"{AUDIO_TOKEN} a slow piano song, recommended because you like calm",
+                              f"{COVER_TOKEN}{AUDIO_TOKEN} fast synth rock with a long tail of extra words here"], 3)
+    lm["media"] = media(2, 1)
+    songs = right_padded(model, [f"{AUDIO_TOKEN}{COVER_TOKEN} piano {EMBED_TOKEN}",
+                                 f"{AUDIO_TOKEN}{COVER_TOKEN} rock {EMBED_TOKEN}",
+                                 f"{AUDIO_TOKEN}{COVER_TOKEN} {EMBED_TOKEN}"])
+    songs["media"] = media(3, 3, audio_present=[1, 0, 1])
+    assert songs["input_ids"].shape[1] != lm["input_ids"].shape[1]  # the stacking pads one of them
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.audio_proj.parameters()]
+
+    ref_loss = model(lm["input_ids"], lm["attention_mask"], lm["labels"], lm["media"]).loss
+    ref_emb = model.embed(songs["input_ids"], songs["attention_mask"], songs["media"])
+    ref_grads = grads(ref_loss + ref_emb[:, 0].sum())
+    loss, emb = model.loss_and_embed(lm, songs)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(emb, ref_emb)
+    for got, want in zip(grads(loss + emb[:, 0].sum()), ref_grads):
+        torch.testing.assert_close(got, want)
+    assert any(g.abs().sum() > 0 for g in ref_grads)
+    model.zero_grad()
