@@ -180,7 +180,8 @@ def results_markdown(result: dict) -> str:
            f"generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
            "Recall@20, full-catalogue ranking with seen songs masked; `cold` ranks among new items only.", ""]
     for name, d in result["datasets"].items():
-        out += [f"## {name} ({d['item_kind']}s, {d['split']} split; llmrec trained: {d['llmrec_trained']})", "",
+        out += [f"## {name} ({d['item_kind']}s, {d['split']} split; llmrec trained in this run: "
+                f"{'yes' if d['llmrec_trained'] else 'no; an earlier run model there, if any, is evaluated'})", "",
                 "| slice | best CF | best CF recall | text | text2cf | llmrec | hybrid | llmrec/best CF | "
                 "hybrid/best CF | llmrec/text | llmrec/text2cf |", "|---|---|" + "---:|" * 9]
         for slice_name, s in d["slices"].items():
