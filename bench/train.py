@@ -44,6 +44,11 @@ BAICHUAN2_7B = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichua
                 "vocab_size": 125696, "model_max_length": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu"}
 
 
+def mmap_threshold() -> str:
+    """The fixed glibc mmap threshold every strategy runs with: the caller's MALLOC_MMAP_THRESHOLD_, else 64 KiB."""
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_") or "65536"
+
+
 def strategy_command(strategy: str, args) -> tuple[str, list[str]]:
     """(train.tinyjob strategy, its extra arguments) of a bench strategy name."""
     if strategy == "zero3-capped":
@@ -57,7 +62,7 @@ def run_strategy(strategy: str, out: Path, args) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if not args.malloc_default:
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        env["MALLOC_MMAP_THRESHOLD_"] = mmap_threshold()
     job, extra = strategy_command(strategy, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
            str(args.port), "-m", "train.tinyjob", "--strategy", job, "--out", str(out), "--steps",
@@ -136,7 +141,7 @@ def main() -> None:
     print(f"\nmodel: tiny Llama hidden={args.hidden} layers={args.layers} + LoRA/projectors/heads "
           f"({first['total'] / 1e6:.1f}M params, {first['trainable'] / 1e3:.0f}k trainable), batch "
           f"{args.batch_size}/process, {args.nproc} processes on {device}")
-    print(f"C allocator: {'glibc default' if args.malloc_default else 'MALLOC_MMAP_THRESHOLD_=65536'}; "
+    print(f"C allocator: {'glibc default' if args.malloc_default else f'MALLOC_MMAP_THRESHOLD_={mmap_threshold()}'}; "
           f"zero3-capped: live parameters and reuse distance {args.zero3_live:.0e}")
     print(f"{'strategy':12s} {'step s':>8s} {'tokens/s':>10s} {'peak RSS MB':>12s} {'model MB':>9s} "
           f"{'params MB':>10s} {'loss':>7s}")
@@ -160,7 +165,8 @@ def main() -> None:
                 ratios[f"{key}_{label}_over_zero2"] = results[z3][fig] / results["zero2"][fig]
     print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     print(json.dumps({"device": device, "nproc": args.nproc, "hidden": args.hidden, "layers": args.layers,
-                      "zero3_live": args.zero3_live, "malloc_mmap_threshold": None if args.malloc_default else 65536,
+                      "zero3_live": args.zero3_live,
+                      "malloc_mmap_threshold": None if args.malloc_default else int(mmap_threshold()),
                       "steps": args.steps, "batch_size": args.batch_size, "strategies": results, "ratios": ratios,
                       "lora_share": shares}))
 
