@@ -128,9 +128,14 @@ class MultimodalLM(nn.Module):
 
         For item prompts each row carries exactly one audio and one cover group, so media rows align with rows.
         """
+        return self.head(self._at_embed_token(self._final_hidden(input_ids, attention_mask, media), input_ids,
+                                              attention_mask), media)
+
+    def _final_hidden(self, input_ids, attention_mask, media: MediaBatch | None) -> torch.Tensor:
+        """[N, T, H] final (normed) hidden states of the decoder on the spliced prompts — no LM head, so no
+        vocabulary-sized logits for prompts that only need their hidden states."""
         embeds = self.splice(input_ids, media)
-        hidden = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        return self.head(self._at_embed_token(hidden[-1], input_ids, attention_mask), media)
+        return self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def _at_embed_token(self, hidden: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
         """[N, H] hidden states at each row's last `<emb>` token."""
@@ -163,9 +168,8 @@ class MultimodalLM(nn.Module):
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.cat([padded(lm_batch, "input_ids", pad_id), padded(embed_batch, "input_ids", pad_id)])
         attention_mask = torch.cat([padded(lm_batch, "attention_mask", 0), padded(embed_batch, "attention_mask", 0)])
-        media = MediaBatch.cat([lm_batch["media"], embed_batch["media"]])
-        embeds = self.splice(input_ids, media)
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = self._final_hidden(input_ids, attention_mask,
+                                    MediaBatch.cat([lm_batch["media"], embed_batch["media"]]))
         logits = self.lm.get_output_embeddings()(hidden[:n_lm, :-1]).float()
         labels = padded(lm_batch, "labels", IGNORE_INDEX)[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
