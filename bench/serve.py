@@ -10,7 +10,8 @@ for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CL
   - reasons: `POST /v1/explanations` with 1-5 history songs (prompt ~60-250 tokens) and an answer budget of
     8, 32 or 96 tokens (an untrained model rarely stops early, so answers use their budget);
 each for `--seconds` at every concurrency level (closed loop: each client sends its next request when the last
-one is answered). Reported: requests/s, p50/p99 latency of the answered requests, error counts by status,
+one is answered; after a 503 it first waits the Retry-After the server sent, unless --ignore-retry-after).
+Reported: requests/s, p50/p99 latency of the answered requests, error counts by status,
 useful tokens/s for reasons (tokens of the returned text), embeddings/s next to a matmul bound measured in this run
 (bf16 and fp32 GEMM FLOP/s divided by 2 x LM parameters x mean prompt tokens: what the forward pass would cost at
 peak GEMM speed), and the vLLM/HF ratios when both engines ran. Last line: one JSON object.
@@ -134,7 +135,8 @@ def make_request(kind: str, ids: list[str], rng: random.Random) -> tuple[str, di
                                 "max_new_tokens": rng.choice(ANSWER_BUDGETS)}
 
 
-async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: float, tokenizer, seed: int) -> dict:
+async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: float, tokenizer, seed: int,
+               honour_retry_after: bool = True) -> dict:
     latencies, statuses, tokens, prompt_tokens = [], {}, 0, []
     stop_at = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -159,6 +161,9 @@ async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: f
                     prompt_tokens.append(data["usage"]["prompt_tokens"])
                 else:
                     tokens += len(tokenizer(data["reason"], add_special_tokens=False).input_ids)
+            elif code == 503 and honour_retry_after:  # as a well-behaved client does (and no later than the end)
+                wait = float(r.headers.get("retry-after", 1))
+                await asyncio.sleep(min(wait, max(0.0, stop_at - time.perf_counter())))
 
     t_start = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
@@ -175,7 +180,7 @@ async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: f
 
 
 def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, tokenizer, ids: list[str],
-                 startup_timeout: float, overrides: list[str] = ()) -> dict:
+                 startup_timeout: float, overrides: list[str] = (), honour_retry_after: bool = True) -> dict:
     server = Server(run, engine, free_port(), run.root / f"server-{engine}.log", overrides)
     try:
         t0 = time.perf_counter()
@@ -185,7 +190,8 @@ def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, to
         out = {"engine": health["engine"], "startup_s": round(startup, 1), "embeddings": [], "reasons": []}
         for kind in ("embeddings", "reasons"):
             for c in levels:
-                res = asyncio.run(load(server.url, kind, ids, c, seconds, tokenizer, seed=c))
+                res = asyncio.run(load(server.url, kind, ids, c, seconds, tokenizer, seed=c,
+                                       honour_retry_after=honour_retry_after))
                 out[kind].append(res)
                 print(f"  {engine:5s} {kind:10s} c={c:<3d} {res['rps']:8.2f} req/s  p50 {res['p50_ms']:8.1f} ms  "
                       f"p99 {res['p99_ms']:8.1f} ms  errors {res['errors'] or 0}"
@@ -209,6 +215,8 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every server, e.g. serve.vllm_max_num_batched_tokens=512")
+    ap.add_argument("--ignore-retry-after", action="store_true",
+                    help="clients resend at once after a 503 instead of waiting Retry-After (a hostile overload)")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -226,12 +234,13 @@ def main() -> int:
         params = lm_params(run)
         print(f"bundle: {params / 1e6:.2f}M LM parameters (GEMM), {len(ids)} songs; {seconds:g} s per level; "
               f"GEMM bound bf16 {bounds['bf16'] / 1e9:.1f} GFLOP/s, fp32 {bounds['fp32'] / 1e9:.1f} GFLOP/s")
-        results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout, args.serve_set)
-                   for e in engines}
+        results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout, args.serve_set,
+                                   honour_retry_after=not args.ignore_retry_after) for e in engines}
 
     print(f"\n{'engine':6s} {'workload':10s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
           f"{'tok/s':>7s} {'emb/s':>7s} {'GEMM bound':>10s} {'of bound':>8s}  errors")
     summary: dict = {"lm_params": params, "songs": len(ids), "seconds_per_level": seconds,
+                     "clients_honour_retry_after": not args.ignore_retry_after,
                      "gemm_gflops": {k: round(v / 1e9, 2) for k, v in bounds.items()}, "engines": {}}
     for e, res in results.items():
         eng = summary["engines"][e] = {"startup_s": res["startup_s"]}

@@ -12,9 +12,10 @@ Endpoints
 
 Hostile input is normal: every client mistake is a 4xx JSON `{"error": {"message", "type", "field"}}` that names
 the field; the server keeps serving. Limits: body size (413), items per request and text length (422), upload
-type (415) and size (413), queue length (503 + Retry-After), request time (504). Text passes through the
-sanitiser; file paths must lie inside `serve.media_roots`; optional bearer token (`serve.api_key` or env
-`LLMREC_API_KEY`); CORS off unless `serve.cors_origins` is set; binds 127.0.0.1 unless told otherwise.
+type (415) and size (413), queue length (503 + Retry-After; checked at the door before a body is read, then per
+operation), request time (504). Text passes through the sanitiser; file paths must lie inside `serve.media_roots`;
+optional bearer token (`serve.api_key` or env `LLMREC_API_KEY`); CORS off unless `serve.cors_origins` is set; binds
+127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -169,6 +170,26 @@ class BodyLimit:
         except Exception as e:  # noqa: BLE001
             if not (responded and body_too_large(e)):
                 raise
+
+
+class LoadShed:
+    """ASGI middleware, outermost: while the engine's queues already hold `serve.max_queue` items, refuse new API
+    calls with 503 + Retry-After before their body is read, parsed or authenticated. Under overload most requests
+    are refused; refusing them at the door leaves the event loop's time to the requests it serves. Refused only
+    after parsing, clients that retry at once turned the server into a refusal machine (HF embeddings at c=64,
+    max_queue 16: 177 -> 20 served requests/s, docs/benchmarks.md)."""
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in API_ROUTES
+                and not self.state.batched.admit()):
+            self.state.metrics.observe(scope["path"], 503, 0.0)
+            busy = error(503, f"server busy: {self.state.batched.queued()} items queued (limit "
+                              f"{self.state.batched.max_queue}); retry later", headers={"Retry-After": "1"})
+            return await busy(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
@@ -465,8 +486,7 @@ def create_app(state: ServerState) -> FastAPI:
             lambda: {(("op", op),): s["batches"] for op, s in state.batched.stats().items()})
     m.gauge("llmrec_engine_items_total", "Items computed by operation.",
             lambda: {(("op", op),): s["items"] for op, s in state.batched.stats().items()})
-    m.gauge("llmrec_overloaded_total", "Requests refused with 503 (queue full).",
-            lambda: sum(s["overloaded"] for s in state.batched.stats().values()))
+    m.gauge("llmrec_overloaded_total", "Requests refused with 503 (queue full).", state.batched.overloaded)
     m.gauge("llmrec_timeouts_total", "Requests answered with 504.",
             lambda: sum(s["timeouts"] for s in state.batched.stats().values()))
     m.gauge("llmrec_sanitizer_repairs_total", "Repairs made by the text sanitiser on request text, by kind.",
@@ -529,10 +549,12 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=state.cfg.serve.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, limit=state.cfg.serve.max_body_bytes)
+    app.add_middleware(LoadShed, state=state)  # added last = runs first
     return app
 
 
-ROUTES = {"/v1/embeddings", "/v1/recommendations", "/v1/explanations", "/health", "/metrics"}
+API_ROUTES = {"/v1/embeddings", "/v1/recommendations", "/v1/explanations"}
+ROUTES = API_ROUTES | {"/health", "/metrics"}
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -193,7 +193,8 @@ class BatchedEngine:
     many concurrent requests become few engine calls. All batchers share one engine thread."""
 
     def __init__(self, engine, *, max_batch: int, max_wait_s: float, max_queue: int, timeout_s: float):
-        self.engine = engine
+        self.engine, self.max_queue = engine, max_queue
+        self.shed = 0  # requests refused by `admit` before they were read
         self._kw = dict(max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue, timeout_s=timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.embedder = MicroBatcher(lambda items: list(engine.embed(items)), executor=self._executor, name="embed",
@@ -229,6 +230,19 @@ class BatchedEngine:
 
     def queued(self) -> int:
         return sum(b.queued_items for b in self._batchers())
+
+    def admit(self) -> bool:
+        """The server's door check for a new request, before its body is read: False (and counted) while the
+        operations together already hold `max_queue` items. Each operation's own bound still applies to the
+        requests admitted (`submit` raises `Overloaded`)."""
+        if self.queued() >= self.max_queue:
+            self.shed += 1
+            return False
+        return True
+
+    def overloaded(self) -> int:
+        """Requests refused with 503 so far: at the door (`admit`) and by a full operation queue."""
+        return self.shed + sum(b.stats.overloaded for b in self._batchers())
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

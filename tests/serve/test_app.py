@@ -415,6 +415,31 @@ def test_overload_answers_503_and_recovers(state):
         assert "llmrec_overloaded_total" in c.get("/metrics").text
 
 
+def test_a_full_queue_refuses_new_requests_before_reading_them(state):
+    some = state.index.song_ids[0]
+    with client_for(state, engine=SlowEngine(state.engine, 0.5), max_batch=1, max_queue=1, max_wait_ms=0.0) as c:
+        threads = [threading.Thread(target=c.post, args=("/v1/embeddings",), kwargs={"json": {"input": some}})
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while state.batched.queued() < 1 and time.monotonic() < deadline:  # one computing, one waiting
+            time.sleep(0.01)
+        assert state.batched.queued() == 1
+        # A malformed body gets 503, not 400: the door check answered before the body was read.
+        busy = c.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+        health = c.get("/health")
+        for t in threads:
+            t.join()
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert "retry later" in busy.json()["error"]["message"]
+        assert health.status_code == 200  # probes are never shed
+        assert state.batched.shed == 1
+        assert c.post("/v1/embeddings", content=b"{not json",
+                      headers={"content-type": "application/json"}).status_code == 400
+        assert "llmrec_overloaded_total 1" in c.get("/metrics").text
+
+
 def test_slow_requests_time_out_with_504(state):
     some = state.index.song_ids[0]
     with client_for(state, engine=SlowEngine(state.engine, 0.5), request_timeout_s=0.1) as c:
