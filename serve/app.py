@@ -173,21 +173,21 @@ class BodyLimit:
 
 
 class LoadShed:
-    """ASGI middleware, outermost: while the engine's queues already hold `serve.max_queue` items, refuse new API
-    calls with 503 + Retry-After before their body is read, parsed or authenticated. Under overload most requests
-    are refused; refusing them at the door leaves the event loop's time to the requests it serves. Refused only
-    after parsing, clients that retry at once turned the server into a refusal machine (HF embeddings at c=64,
-    max_queue 16: 177 -> 20 served requests/s, docs/benchmarks.md)."""
+    """ASGI middleware, outermost: while a kind of work an API call needs (embedding, generation) already has
+    `serve.max_queue` items queued, refuse the call with 503 + Retry-After before its body is read, parsed or
+    authenticated. Under overload most calls are refused, and refusing them at the door leaves the event loop's
+    time to the calls it serves."""
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in API_ROUTES
-                and not self.state.batched.admit()):
+        ops = API_ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if ops and not self.state.batched.admit(ops):
             self.state.metrics.observe(scope["path"], 503, 0.0)
-            busy = error(503, f"server busy: {self.state.batched.queued()} items queued (limit "
-                              f"{self.state.batched.max_queue}); retry later", headers={"Retry-After": "1"})
+            busy = error(503, f"server busy: {', '.join(f'{self.state.batched.queued(op)} {op}' for op in ops)} "
+                              f"items queued (limit {self.state.batched.max_queue}); retry later",
+                         headers={"Retry-After": "1"})
             return await busy(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -553,8 +553,10 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-API_ROUTES = {"/v1/embeddings", "/v1/recommendations", "/v1/explanations"}
-ROUTES = API_ROUTES | {"/health", "/metrics"}
+# The kinds of engine work each API call needs (`BatchedEngine.admit`).
+API_ROUTES = {"/v1/embeddings": ("embed",), "/v1/recommendations": ("embed", "generate"),
+              "/v1/explanations": ("generate",)}
+ROUTES = set(API_ROUTES) | {"/health", "/metrics"}
 
 
 # ------------------------------------------------------------------------------------------------ CLI

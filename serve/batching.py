@@ -228,14 +228,20 @@ class BatchedEngine:
     def _batchers(self) -> list:
         return [self.embedder, *self._generators.values(), *([self._concurrent] if self._concurrent else [])]
 
-    def queued(self) -> int:
+    def queued(self, op: str | None = None) -> int:
+        """Items waiting (or, for an engine that batches across calls, in flight): all, or of one kind of work,
+        `embed` or `generate` (all answer lengths together)."""
+        if op == "embed":
+            return self.embedder.queued_items
+        if op == "generate":
+            return sum(b.queued_items for b in self._batchers() if b is not self.embedder)
         return sum(b.queued_items for b in self._batchers())
 
-    def admit(self) -> bool:
-        """The server's door check for a new request, before its body is read: False (and counted) while the
-        operations together already hold `max_queue` items. Each operation's own bound still applies to the
+    def admit(self, ops: Sequence[str]) -> bool:
+        """The server's door check for a new request, before its body is read: False (and counted) while a kind of
+        work the request needs already has `max_queue` items. Each batcher's own bound still applies to the
         requests admitted (`submit` raises `Overloaded`)."""
-        if self.queued() >= self.max_queue:
+        if any(self.queued(op) >= self.max_queue for op in ops):
             self.shed += 1
             return False
         return True

@@ -425,19 +425,22 @@ def test_a_full_queue_refuses_new_requests_before_reading_them(state):
         deadline = time.monotonic() + 5
         while state.batched.queued() < 1 and time.monotonic() < deadline:  # one computing, one waiting
             time.sleep(0.01)
-        assert state.batched.queued() == 1
+        assert state.batched.queued("embed") == 1
         # A malformed body gets 503, not 400: the door check answered before the body was read.
-        busy = c.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+        malformed = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        busy = c.post("/v1/embeddings", **malformed)
+        also_busy = c.post("/v1/recommendations", **malformed)  # needs embeddings too
+        other_work = c.post("/v1/explanations", **malformed)  # generation has room: admitted, then parsed
         health = c.get("/health")
         for t in threads:
             t.join()
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-        assert "retry later" in busy.json()["error"]["message"]
+        assert "1 embed items queued (limit 1); retry later" in busy.json()["error"]["message"]
+        assert also_busy.status_code == 503 and other_work.status_code == 400
         assert health.status_code == 200  # probes are never shed
-        assert state.batched.shed == 1
-        assert c.post("/v1/embeddings", content=b"{not json",
-                      headers={"content-type": "application/json"}).status_code == 400
-        assert "llmrec_overloaded_total 1" in c.get("/metrics").text
+        assert state.batched.shed == 2
+        assert c.post("/v1/embeddings", **malformed).status_code == 400
+        assert "llmrec_overloaded_total 2" in c.get("/metrics").text
 
 
 def test_slow_requests_time_out_with_504(state):
