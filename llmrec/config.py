@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """Size and shape of the embedded synthetic music catalog (the default dataset)."""
 
-    # Sized so that install + the default `llmrec demo` stay under 10 minutes on 2 CPU cores; the generator scales to
-    # thousands of songs (`--set synthetic.n_songs=5000`).
+    # Sized so that the default `llmrec demo` stays near 10 minutes on 2 CPU cores (13 with stage 0's 1500 steps);
+    # the generator scales to thousands of songs (`--set synthetic.n_songs=5000`).
     n_songs: int = 400  # back-catalogue songs, released before the split time
     n_new_songs: int = 60  # released after the split time: no plays before it (cold start)
     n_users: int = 200
@@ -70,7 +70,7 @@ class EncoderConfig:
 class ModelConfig:
     backbone: str = "tiny"  # `tiny` = Llama-architecture decoder built from scratch, or a hub name / local path
     tokenizer_vocab: int = 2000  # tiny backbone only: BPE vocabulary trained on the catalog text
-    # 4 x 192: the widest tiny backbone that keeps install + the default demo under 10 minutes on 2 CPU cores.
+    # 4 x 192: the widest tiny backbone that keeps the default demo near 10 minutes on 2 CPU cores.
     hidden_size: int = 192
     num_layers: int = 4
     num_heads: int = 4
