@@ -385,11 +385,13 @@ class SlowEngine:
 
     def __init__(self, engine, delay: float):
         self.engine, self.delay, self.name = engine, delay, "slow"
+        self.computing = threading.Event()  # set once a batch is inside the engine
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def embed(self, items):
+        self.computing.set()
         time.sleep(self.delay)
         return self.engine.embed(items)
 
@@ -417,13 +419,15 @@ def test_overload_answers_503_and_recovers(state):
 
 def test_a_full_queue_refuses_new_requests_before_reading_them(state):
     some = state.index.song_ids[0]
-    with client_for(state, engine=SlowEngine(state.engine, 0.5), max_batch=1, max_queue=1, max_wait_ms=0.0) as c:
+    slow = SlowEngine(state.engine, 1.0)  # the window for the calls below: while the second call waits
+    with client_for(state, engine=slow, max_batch=1, max_queue=1, max_wait_ms=0.0) as c:
         threads = [threading.Thread(target=c.post, args=("/v1/embeddings",), kwargs={"json": {"input": some}})
                    for _ in range(2)]
-        for t in threads:
-            t.start()
+        threads[0].start()
+        assert slow.computing.wait(5)  # the first call is in the engine: the second one waits in the queue
+        threads[1].start()
         deadline = time.monotonic() + 5
-        while state.batched.queued() < 1 and time.monotonic() < deadline:  # one computing, one waiting
+        while state.batched.queued() < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert state.batched.queued("embed") == 1
         # A malformed body gets 503, not 400: the door check answered before the body was read.
