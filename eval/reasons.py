@@ -39,7 +39,7 @@ import pandas as pd
 
 from data_prep.examples import GENRE_WORDS, INSTRUMENT_WORDS, TEMPO_WORDS
 from llmrec.config import PromptConfig
-from llmrec.text import Prompt, SongText, build_stage2_prompt, history_title, sanitize_song
+from llmrec.text import Prompt, SongText, answer_text, build_stage2_prompt, history_title, sanitize_song
 
 WORD_RE = re.compile(r"\w+")
 QUOTE_RE = re.compile(r'"([^"\n]{1,200})"|\u201c([^\u201d\n]{1,200})\u201d')
@@ -375,7 +375,7 @@ def generate_reasons(model, features, prompts: Sequence[Prompt], max_new_tokens:
             new = model.generate(ids, mask, MediaBatch(*audio, *cover), max_new_tokens=max_new_tokens)
         seconds += time.perf_counter() - t0
         for row, i in enumerate(batch):
-            out[i] = tok.decode(new[row], skip_special_tokens=True).strip()
+            out[i] = answer_text(tok.decode(new[row], skip_special_tokens=True))  # as the serving engines do
     return out, seconds
 
 

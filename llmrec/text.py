@@ -391,6 +391,14 @@ def build_song_block(song: Mapping[str, Any], count_tokens: CountTokens, budget:
 _TOKEN_RE = re.compile(r"<(?:audio|cover|emb)>|\w{1,6}|[^\w\s]")
 
 
+def answer_text(generated: str) -> str:
+    """A generated answer as the text to return: its first line, stripped. Every training answer (caption or
+    reason) is one line that ends at EOS, so a newline means the model has left the answer and begun writing prompt
+    text (the tiny backbone wrote "2024\nQuestion: Why would ..." for a candidate without a release year); what
+    follows is dropped, as a `stop=["\n"]` sequence would. One rule for the engines and the eval."""
+    return generated.strip().split("\n", 1)[0].strip()
+
+
 def approx_token_count(text: str) -> int:
     """A tokenizer-free estimate: words (long ones in 6-character pieces) and punctuation marks, placeholders as
     one token. Pass the real tokenizer's count instead where one exists."""

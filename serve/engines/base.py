@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmrec.model.mm_lm import MediaBatch, MultimodalLM, expand_placeholders
-from llmrec.text import EMBED_TOKEN
+from llmrec.text import EMBED_TOKEN, answer_text
 
 
 @dataclass
@@ -75,10 +75,11 @@ class Engine(ABC):
         """[len(items), embedding_dim] float32, unit-norm rows; each prompt ends with `<emb>`."""
 
     def decode(self, rows) -> list[str]:
-        """Generated token ids per prompt -> text without special tokens, stripped (one rule for every engine)."""
+        """Generated token ids per prompt -> the answer's text without special tokens (`llmrec.text.answer_text`:
+        its first line, stripped; one rule for every engine)."""
         if len(rows) == 0:  # batch_decode([]) would give [""]
             return []
-        return [t.strip() for t in self.model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        return [answer_text(t) for t in self.model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @abstractmethod
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:

@@ -172,6 +172,12 @@ def test_answers_make_no_false_claims(stage2, built, truth):
     assert len({r["answer"] for r in stage2}) > len(stage2) // 2  # varied, not one template
 
 
+def test_every_answer_is_one_line(stage2, built):
+    # Generated text is cut at its first newline (llmrec.text.answer_text); no trained answer may contain one.
+    answers = [r["answer"] for r in stage2] + list(built[2]["stage1"]["answer"])
+    assert answers and all("\n" not in a and a == a.strip() for a in answers)
+
+
 def test_placeholders_match_their_song_ids(stage2, built):
     for r in stage2:
         assert r["prompt"].count(AUDIO_TOKEN) == len(r["audio_song_ids"])

@@ -16,6 +16,7 @@ from llmrec.text import (
     EMBED_TOKEN,
     STAGE1_QUESTION,
     STAGE2_QUESTION,
+    answer_text,
     approx_token_count,
     build_embed_prompt,
     build_song_block,
@@ -278,3 +279,10 @@ def test_approx_token_count():
     assert approx_token_count("") == 0
     assert approx_token_count("<audio><cover> hello, world") == 5
     assert approx_token_count("abcdefghijkl") == 2  # long words count as several pieces
+
+
+def test_answer_text_keeps_the_first_line():
+    assert answer_text("  Because you played \"Blue\".\nQuestion: Why would  ") == 'Because you played "Blue".'
+    assert answer_text("\n\n A fast rock song. ") == "A fast rock song."  # leading blank lines are not an end
+    assert answer_text("2024\nQuestion: Why would this") == "2024"
+    assert answer_text("") == ""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmrec.config import ServeConfig
+from llmrec.text import answer_text
 from serve.engines import load_engine, resolve_engine_name
 from serve.engines.base import EngineInput, concat_media, prompt_token_ids
 from serve.engines.hf import HFEngine
@@ -45,11 +46,18 @@ def test_generate_is_greedy_from_the_spliced_prompt(engine, reason_inputs):
     model = engine.model
     ids = torch.tensor([prompt_token_ids(model, item.prompt)])
     out = model.generate(ids, torch.ones_like(ids), item.media, max_new_tokens=8)
-    assert engine.generate([item], 8) == [model.tokenizer.decode(out[0], skip_special_tokens=True).strip()]
+    assert engine.generate([item], 8) == [answer_text(model.tokenizer.decode(out[0], skip_special_tokens=True))]
     # the media rows matter: other audio/cover features change the spliced embeddings
     other = EngineInput(item.prompt, concat_media([item, item]))
     with pytest.raises(ValueError, match="placeholder tokens"):
         engine.generate([other], 8)
+
+
+def test_a_reason_ends_at_the_first_newline(engine):
+    tok = engine.model.tokenizer
+    ids = tok("Like the rock song you played.\nQuestion: Why would", add_special_tokens=False).input_ids
+    assert engine.decode([ids, ids[:3]]) == ["Like the rock song you played.",
+                                            tok.decode(ids[:3], skip_special_tokens=True).strip()]
 
 
 def test_errors_name_the_problem(engine, embed_inputs, media_factory):
