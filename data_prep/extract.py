@@ -9,8 +9,8 @@ Layout written under `runs/<name>/features/`:
                                  the encoder config and the hash every shard was computed with
     text.safetensors             text [N, d] f32 (all-MiniLM-L6-v2 or TF-IDF + SVD); metadata song_ids
 
-Sharding: song ids are sorted and cut into `shard_size` chunks, so shard i always holds the same songs for a given
-catalog. `features.shard_index`/`features.num_shards` pick every num_shards-th shard, so torchrun ranks or a Slurm
+Sharding: song ids are sorted and cut into ceil(N / shard_size) contiguous shards of equal size (+-1 song), so
+shard i always holds the same songs for a given catalog and no short last shard leaves workers idle at the end. `features.shard_index`/`features.num_shards` pick every num_shards-th shard, so torchrun ranks or a Slurm
 array can split the work over nodes onto a shared file system.
 
 Resumability: each shard is written to a temporary name and moved into place whole, and a shard on disk is only
@@ -90,7 +90,11 @@ class ShardTask:
 
 
 def plan_shards(catalog: Catalog, shard_size: int, out_dir: Path) -> list[ShardTask]:
-    """Sorted song ids cut into `shard_size` chunks: shard i = ids[i*shard_size:(i+1)*shard_size]."""
+    """Sorted song ids cut into ceil(N / shard_size) contiguous shards whose sizes differ by at most one song.
+
+    Not fixed `shard_size` chunks: those leave a short last shard (460 songs in chunks of 64: seven of 64 and one
+    of 12), and with few shards per worker the pool then waits on one worker at the end (2 workers: 256 vs 204
+    songs, at best 0.90 of a balanced split). Even shards of 57-58 songs split evenly over 2 workers."""
     if shard_size < 1:
         raise ValueError(f"features.shard_size must be >= 1, got {shard_size}")
     songs = catalog.songs.set_index("song_id")
@@ -100,12 +104,13 @@ def plan_shards(catalog: Catalog, shard_size: int, out_dir: Path) -> list[ShardT
         path = catalog.media_path(rel)
         return None if path is None else str(path.resolve())
 
+    n_shards = -(-len(ids) // shard_size)
+    bounds = np.linspace(0, len(ids), n_shards + 1).round().astype(int)
     tasks = []
-    for i in range(0, len(ids), shard_size):
-        chunk = ids[i : i + shard_size]
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         items = tuple(SongMedia(sid, media(songs.at[sid, "audio_path"]), media(songs.at[sid, "cover_path"]))
-                      for sid in chunk)
-        tasks.append(ShardTask(i // shard_size, str(out_dir / shard_name(i // shard_size)), items))
+                      for sid in ids[start:stop])
+        tasks.append(ShardTask(i, str(out_dir / shard_name(i)), items))
     return tasks
 
 
