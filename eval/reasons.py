@@ -229,8 +229,14 @@ def reason_metrics(texts: Sequence[str], claims: Sequence[Sequence[Claim]]) -> d
     flat = [c for cs in claims for c in cs]
     per_kind: dict[str, dict[str, Any]] = {}
     for kind in sorted({c.kind for c in flat}):
-        of_kind = [c.true for c in flat if c.kind == kind]
-        per_kind[kind] = {"n": len(of_kind), "faithfulness": _mean(of_kind)}
+        of_kind = [c for c in flat if c.kind == kind]
+        per_kind[kind] = {"n": len(of_kind), "faithfulness": _mean([c.true for c in of_kind])}
+        # Attribute claims split in two: is the attribute right about the candidate (what the model perceives
+        # from the candidate's text, audio or cover), and about the history song the reason relates it to?
+        for side in ("on_candidate", "on_history"):
+            checked = [getattr(c, side) for c in of_kind if getattr(c, side) is not None]
+            if checked:
+                per_kind[kind][f"true_{side}"] = _mean(checked)
     return {
         "n": len(texts),
         "faithfulness": _mean([c.true for c in flat]),

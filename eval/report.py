@@ -777,6 +777,13 @@ def reasons_markdown(r: dict) -> list[str]:
         out += ["", f"Claims (genre, mood, instrument, tempo, key, artist, a quoted history title) checked against "
                     f"{r.get('ground_truth', 'the catalog')}; faithfulness = true claims / claims, hallucination "
                     f"rate = reasons with a false claim / reasons."]
+    if r.get("by_kind"):
+        out += ["", "By kind of claim (llmrec): an attribute claim is true when it holds for the candidate and, in a "
+                    "reason that relates the candidate to a history song, for that song too; the last two columns "
+                    "split the two.", "", "| claim | n | faithfulness | true of the candidate | true of the history "
+                    "song |", "|---|---:|---:|---:|---:|"]
+        out += [f"| {kind} | {m['n']} | {_num(m.get('faithfulness'))} | {_num(m.get('true_on_candidate'))} | "
+                f"{_num(m.get('true_on_history'))} |" for kind, m in r["by_kind"].items()]
     if r.get("n"):
         out.append(f"Greedy generation: {_num(r.get('latency_ms_per_reason'))} ms per reason (batches of "
                    f"{r.get('batch_size')}, max {r.get('max_new_tokens')} new tokens).")

@@ -109,8 +109,18 @@ def test_metrics_against_hand_computed_values(checker):
     assert m["degenerate_share"] == pytest.approx(1 / 3) and m["empty_share"] == 0.0 and m["unique_share"] == 1.0
     # The same reason twice (case and punctuation aside) and one other: 2 distinct of 3.
     assert reason_metrics(["A rock song.", "a ROCK song", "A jazz song."], [[]] * 3)["unique_share"] == 2 / 3
-    assert m["by_kind"]["mood"] == {"n": 1, "faithfulness": 0.0}
-    assert m["by_kind"]["genre"] == {"n": 1, "faithfulness": 1.0}
+    # "dark" is false of the candidate s1; no history was given, so there is no history side to check.
+    assert m["by_kind"]["mood"] == {"n": 1, "faithfulness": 0.0, "true_on_candidate": 0.0}
+    assert m["by_kind"]["genre"] == {"n": 1, "faithfulness": 1.0, "true_on_candidate": 1.0}
+    # "fast" and "piano" are true of s1 and of the history song "Paper Crown" (s3) that the reason names.
+    assert m["by_kind"]["tempo_class"] == {"n": 1, "faithfulness": 1.0, "true_on_candidate": 1.0,
+                                           "true_on_history": 1.0}
+    assert m["by_kind"]["history_title"] == {"n": 1, "faithfulness": 1.0}  # a title has no candidate side
+    # Right about the candidate, wrong about the history song it is tied to ("Silent River" is slow).
+    half = reason_metrics(["x"], [checker.check('Like "Silent River" from your recent plays, this is a fast song.',
+                                                "s1", ["s3", "s2"])])
+    assert half["by_kind"]["tempo_class"] == {"n": 1, "faithfulness": 0.0, "true_on_candidate": 1.0,
+                                              "true_on_history": 0.0}
     empty = reason_metrics(["", "  "], [[], []])
     assert empty["empty_share"] == 1.0 and empty["distinct_1"] is None and empty["faithfulness"] is None
     with pytest.raises(ValueError, match="2 reasons but 1 claim lists"):
@@ -354,7 +364,19 @@ def test_section_scores_what_the_model_wrote(tiny_run, synthetic_catalog, monkey
     r = rs.evaluate_reasons(cfg, run, synthetic_catalog, *split_frames(synthetic_catalog, cfg))
     assert r["n"] == 4 and r["claims_per_reason"] == 2.0
     assert r["faithfulness"] == 0.5 and r["hallucination_rate"] == 1.0 and r["grounded_share"] == 0.0
-    assert r["by_kind"] == {"genre": {"n": 4, "faithfulness": 1.0}, "mood": {"n": 4, "faithfulness": 0.0}}
+    assert r["by_kind"] == {"genre": {"n": 4, "faithfulness": 1.0, "true_on_candidate": 1.0},
+                            "mood": {"n": 4, "faithfulness": 0.0, "true_on_candidate": 0.0}}
     assert r["mean_words"] == 7.0 and r["latency_ms_per_reason"] == pytest.approx(4.0)
     kinds = [(c["kind"], c["true"]) for c in r["samples"][0]["claims"]]
     assert kinds == [("genre", True), ("mood", False)]
+
+
+def test_the_markdown_splits_attribute_claims_into_candidate_and_history():
+    from eval.report import reasons_markdown
+
+    r = {"n": 2, "faithfulness": 0.5, "by_kind": {
+        "history_title": {"n": 2, "faithfulness": 1.0},
+        "mood": {"n": 4, "faithfulness": 0.25, "true_on_candidate": 0.75, "true_on_history": 0.5}}}
+    md = "\n".join(reasons_markdown(r))
+    assert "| mood | 4 | 0.250 | 0.750 | 0.500 |" in md
+    assert "| history_title | 2 | 1.000 | – | – |" in md  # a title has no candidate or history side
