@@ -171,6 +171,47 @@ def reasons_summary(report: dict) -> dict | None:
     return out
 
 
+# The targets of the eval issue, checked on every run. (dataset, what, slice, numerator, denominator, required)
+# "A clear margin" on synthetic cold is read as >= 1.1x.
+RATIO_TARGETS = (
+    ("synthetic", "llmrec vs text-only, cold recall@20", "cold", "llmrec", "text", 1.1),
+    ("lastfm", "hybrid vs best CF, warm recall@20", "warm", "hybrid", "best_cf", 1.05),
+    ("lastfm", "hybrid vs best CF, all recall@20", "all", "hybrid", "best_cf", 1.1),
+    ("lastfm", "llmrec vs text-only, cold recall@20", "cold", "llmrec", "text", 1.5),
+    ("lastfm", "llmrec vs ridge text->CF map, cold recall@20", "cold", "llmrec", "text2cf", 1.15),
+)
+TAIL_TARGET = ("synthetic", 2.0, 0.05)  # tail share of the top 20 >= 2x ALS's at <= 5% NDCG@20 loss, `all` slice
+
+
+def _target(what: str, value: float | None, required: float) -> dict:
+    met = value is not None and value >= required
+    return {"target": what, "value": value, "required": required, "met": met,
+            "short_by": None if met or value is None else round(1 - value / required, 4)}
+
+
+def verdict(t: dict, yes: str, no: str) -> str:
+    return yes if t["met"] else no if t["short_by"] is None else f"{no}, short by {t['short_by']:.0%}"
+
+
+def targets(name: str, summary: dict, tail: dict | None) -> list[dict]:
+    """Each target of the eval issue for dataset `name`: the measured value, the bar, met or not, and when not,
+    by how much it falls short (a fraction of the bar). A value that cannot be computed (llmrec not trained, an
+    empty slice) is None and not met."""
+    rows = []
+    for dataset, what, slice_name, a, b, required in RATIO_TARGETS:
+        if dataset == name:
+            s = summary.get(slice_name, {})
+            rows.append(_target(what, None if s.get("empty") else s.get("ratios", {}).get(f"{a}/{b}"), required))
+    dataset, required, budget = TAIL_TARGET
+    if dataset == name:
+        within = [v["tail_share_vs_als"] for m, v in (tail or {}).items()
+                  if m.startswith("hybrid") and isinstance(v, dict) and v["tail_share_vs_als"] is not None
+                  and v["ndcg@20_change_vs_als"] is not None and v["ndcg@20_change_vs_als"] >= -budget]
+        rows.append(_target(f"tail share of the top 20 vs ALS's at <= {budget:.0%} NDCG@20 loss (best hybrid within "
+                            f"the budget), all", max(within, default=None), required))
+    return rows
+
+
 def results_markdown(result: dict) -> str:
     """The README's results table: recall@20 per slice for the best CF model, text, text2cf, llmrec and hybrid,
     the headline ratios, and the ablation probes — generated from this run, never typed in."""
@@ -193,6 +234,11 @@ def results_markdown(result: dict) -> str:
             out.append(f"| {slice_name} | {s['best_cf']} | {cell(rec.get(s['best_cf']))} | {cell(rec.get('text'))} | "
                        f"{cell(rec.get('text2cf'))} | {cell(rec.get('llmrec'))} | {cell(rec.get('hybrid'))} | "
                        + " | ".join(cell(v) for v in s["ratios"].values()) + " |")
+        if d.get("targets"):
+            out += ["", "Targets (the eval issue's; short by = how far below the bar, as a share of it):", "",
+                    "| target | measured | required | met |", "|---|---:|---:|---|"]
+            out += [f"| {t['target']} | {'–' if t['value'] is None else format(t['value'], '.3f')} | "
+                    f"{t['required']:g} | {verdict(t, 'yes', 'no')} |" for t in d["targets"]]
         tail = d.get("long_tail")
         if tail:
             out += ["", f"Long tail (`all` slice, top 20): ALS puts {tail['als_tail_share@20']:.3f} of its "
@@ -248,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "slices": summary, "long_tail": long_tail(summary),
                                     "cold_modalities": cold_modalities(summary), "ablation": ablation_summary(report),
                                     "reasons": reasons_summary(report)}
+        result["datasets"][name]["targets"] = targets(name, summary, result["datasets"][name]["long_tail"])
+        for t in result["datasets"][name]["targets"]:
+            print(f"target ({name}) {t['target']}: {t['value']} vs {t['required']} -> {verdict(t, 'met', 'NOT met')}")
     if args.markdown:
         atomic_write_text(Path(args.markdown), results_markdown(result))
         print(f"results table: {args.markdown}")

@@ -1,0 +1,51 @@
+"""bench/quality.py's target check: the values it reads, the bars, and by how much a miss falls short."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"  # a script, not a package: load it by path
+_spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+
+def _summary(**ratios_by_slice):
+    return {name: {"ratios": ratios} for name, ratios in ratios_by_slice.items()}
+
+
+def test_lastfm_targets_report_the_shortfall_as_a_share_of_the_bar():
+    summary = _summary(warm={"hybrid/best_cf": 0.84}, all={"hybrid/best_cf": 1.2},
+                       cold={"llmrec/text": 1.2, "llmrec/text2cf": None})
+    rows = {t["target"]: t for t in quality.targets("lastfm", summary, None)}
+    assert len(rows) == 4
+    warm = rows["hybrid vs best CF, warm recall@20"]
+    assert not warm["met"] and warm["required"] == 1.05 and warm["short_by"] == pytest.approx(0.2)  # 1 - 0.84/1.05
+    assert rows["hybrid vs best CF, all recall@20"]["met"] and rows["hybrid vs best CF, all recall@20"]["short_by"] is None
+    assert rows["llmrec vs text-only, cold recall@20"]["short_by"] == pytest.approx(0.2)  # 1 - 1.2/1.5
+    unknown = rows["llmrec vs ridge text->CF map, cold recall@20"]  # llmrec not trained: no value, not met
+    assert unknown["value"] is None and not unknown["met"] and unknown["short_by"] is None
+
+
+def test_the_tail_target_counts_only_hybrids_within_the_ndcg_budget():
+    summary = _summary(cold={"llmrec/text": 1.3})
+    tail = {"als_tail_share@20": 0.2,
+            "hybrid": {"tail_share_vs_als": 1.8, "ndcg@20_change_vs_als": 0.01},
+            "hybrid-tail": {"tail_share_vs_als": 3.5, "ndcg@20_change_vs_als": -0.12},  # over the 5% budget
+            "llmrec": {"tail_share_vs_als": 4.0, "ndcg@20_change_vs_als": -0.4}}  # not a hybrid
+    cold, tail_row = quality.targets("synthetic", summary, tail)
+    assert cold["met"] and cold["value"] == 1.3
+    assert tail_row["value"] == 1.8 and not tail_row["met"] and tail_row["short_by"] == pytest.approx(0.1)
+    tail["hybrid-tail"]["ndcg@20_change_vs_als"] = -0.04
+    assert quality.targets("synthetic", summary, tail)[1]["value"] == 3.5
+    assert quality.verdict(quality.targets("synthetic", summary, tail)[1], "met", "NOT met") == "met"
+    assert quality.targets("synthetic", summary, None)[1]["value"] is None
+
+
+def test_the_markdown_has_the_targets_table():
+    result = {"quick": True, "overrides": [], "datasets": {"lastfm": {
+        "item_kind": "artist", "split": "item_holdout", "llmrec_trained": True, "slices": {},
+        "targets": quality.targets("lastfm", _summary(warm={"hybrid/best_cf": 0.84}), None)}}}
+    md = quality.results_markdown(result)
+    assert "| hybrid vs best CF, warm recall@20 | 0.840 | 1.05 | no, short by 20% |" in md
+    assert "| hybrid vs best CF, all recall@20 | – | 1.1 | no |" in md
