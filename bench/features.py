@@ -17,8 +17,8 @@ On the synthetic catalog (generated into a temporary directory) with the tiny en
 and compares the pool with the ideal N x (single-thread rate). Modes 1-4 run in R interleaved rounds (each
 round runs every mode once); the ratios are taken within each round and their median is reported with the
 per-round values: on a shared host, back-to-back single runs spread as widely as the effect measured. Every mode
-decodes, encodes and writes real shards with the code of data_prep/extract.py. Prints a table, the peak RSS per worker, and as its last line one
-JSON object with the figures.
+decodes, encodes and writes real shards with the code of data_prep/extract.py. Prints a table, the peak RSS per
+worker, and as its last line one JSON object with the figures.
 """
 from __future__ import annotations
 
@@ -294,7 +294,8 @@ def main() -> int:
         tasks, spec, catalog = setup(cfg, work, args.songs or None)
         n_songs = len(catalog.songs)
         print(f"catalog: {n_songs} songs of {cfg.synthetic.audio_seconds:g} s audio + {cfg.synthetic.cover_size} px "
-              f"covers, {len(tasks)} shards of {min(len(t.songs) for t in tasks)}-{max(len(t.songs) for t in tasks)} songs "
+              f"covers, {len(tasks)} shards of {min(len(t.songs) for t in tasks)}-{max(len(t.songs) for t in tasks)} "
+              f"songs "
               f"(shard_size {cfg.features.shard_size}); set up in {time.perf_counter() - t0:.1f}s; "
               f"{n_cores} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
         steady = steady_rounds(tasks, spec, workers, n_cores, args.start_method, max(1, args.rounds), work)

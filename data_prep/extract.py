@@ -9,9 +9,10 @@ Layout written under `runs/<name>/features/`:
                                  the encoder config and the hash every shard was computed with
     text.safetensors             text [N, d] f32 (all-MiniLM-L6-v2 or TF-IDF + SVD); metadata song_ids
 
-Sharding: song ids are sorted and cut into ceil(N / shard_size) contiguous shards of equal size (+-1 song), so
-shard i always holds the same songs for a given catalog and no short last shard leaves workers idle at the end. `features.shard_index`/`features.num_shards` pick every num_shards-th shard, so torchrun ranks or a Slurm
-array can split the work over nodes onto a shared file system.
+Sharding: song ids are sorted and cut into ceil(N / shard_size) contiguous shards of equal size (+-1 song), so shard
+i always holds the same songs for a given catalog and no short last shard leaves workers idle at the end.
+`features.shard_index`/`features.num_shards` pick every num_shards-th shard, so torchrun ranks or a Slurm array can
+split the work over nodes onto a shared file system.
 
 Resumability: each shard is written to a temporary name and moved into place whole, and a shard on disk is only
 ever skipped, never rewritten, when its metadata says it holds these songs computed with this encoder hash. A run
