@@ -7,8 +7,8 @@ shrinks it — lastfm-2k is a fixed public set and always runs in full), runs th
 and prints recall@20 / ndcg@20 per slice and model. The last line is one JSON object: per dataset and slice, both
 metrics for every model, the best CF model, and the ratios llmrec/best_cf, hybrid/best_cf, llmrec/text and
 llmrec/text2cf on recall@20, the long-tail figures (tail share of the top 20 against ALS's, and the NDCG@20 given
-up for it, on `all`), cold recall@20 of each modality ablation, plus the modality-ablation probes where the catalog
-has ground truth.
+up for it, on `all`), cold recall@20 of each modality ablation, the modality-ablation probes where the catalog
+has ground truth, and each target of the eval issue (`targets`: measured, required, met, and how far short).
 
 llmrec itself is trained in the same run (`llmrec prepare`, `features`, `train`) for the datasets named by
 `--train` (default: the synthetic one; `--train all` also trains on lastfm-2k — tens of minutes on 2 cores).
