@@ -39,7 +39,7 @@ import pandas as pd
 
 from data_prep.examples import GENRE_WORDS, INSTRUMENT_WORDS, TEMPO_WORDS
 from llmrec.config import PromptConfig
-from llmrec.text import Prompt, SongText, answer_text, build_stage2_prompt, history_title, sanitize_song
+from llmrec.text import Prompt, SongText, build_stage2_prompt, history_title, sanitize_song
 
 WORD_RE = re.compile(r"\w+")
 QUOTE_RE = re.compile(r'"([^"\n]{1,200})"|\u201c([^\u201d\n]{1,200})\u201d')
@@ -343,45 +343,32 @@ def template_reasons(cases: Sequence[ReasonCase], songs: pd.DataFrame, attribute
 # ------------------------------------------------------------------------------------------------ generation
 
 
-def generate_reasons(model, features, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int = 16,
+def generate_reasons(engine, features, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int = 16,
                      max_length: int = 1024) -> tuple[list[str | None], float]:
-    """Greedy reasons from the multimodal LM, in batches of left-padded prompts (`MultimodalLM.generate`).
+    """Greedy reasons from a serving engine (`serve.engines`: the transformers engine over the run's bundle), in
+    batches, so that the eval scores exactly what `/v1/explanations` returns: the same tokenisation, left padding,
+    splicing and decoding (`Engine.decode`).
 
-    Prompts are tokenised exactly as in training (`MultimodalCollator.encode`: BOS + expanded placeholders) and
-    media rows come from the run's features in placeholder order (`train.collate.media_rows`). A prompt longer
+    Media rows come from the run's features in placeholder order (`train.collate.media_rows`). A prompt longer
     than `max_length` tokens gives None. Returns (texts, seconds spent generating)."""
-    import torch
-
     from llmrec.model.mm_lm import MediaBatch
-    from train.collate import MultimodalCollator, media_rows
+    from serve.engines.base import EngineInput, prompt_token_ids
+    from train.collate import media_rows
 
-    tok = model.tokenizer
-    collate = MultimodalCollator(tok, features, model.cfg.audio_tokens, model.cfg.cover_tokens, max_length)
-    encoded: list[list[int] | None] = []
-    for p in prompts:
-        try:
-            encoded.append(collate.encode(p.text, None)[0])
-        except ValueError:  # longer than max_length: counted by the caller as None
-            encoded.append(None)
-    todo = [i for i, ids in enumerate(encoded) if ids is not None]
+    fits = [len(prompt_token_ids(engine.model, p.text)) <= max_length for p in prompts]
+    todo = [i for i, ok in enumerate(fits) if ok]  # the others are counted by the caller as None
     out: list[str | None] = [None] * len(prompts)
     seconds = 0.0
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: generation continues every row at the last column
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        audio = media_rows(features, [s for i in batch for s in prompts[i].audio_song_ids], "audio")
-        cover = media_rows(features, [s for i in batch for s in prompts[i].cover_song_ids], "cover")
+        items = [EngineInput(prompts[i].text, MediaBatch(*media_rows(features, prompts[i].audio_song_ids, "audio"),
+                                                          *media_rows(features, prompts[i].cover_song_ids, "cover")))
+                 for i in batch]
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            new = model.generate(ids, mask, MediaBatch(*audio, *cover), max_new_tokens=max_new_tokens)
+        texts = engine.generate(items, max_new_tokens)
         seconds += time.perf_counter() - t0
-        for row, i in enumerate(batch):
-            out[i] = answer_text(tok.decode(new[row], skip_special_tokens=True))  # as the serving engines do
+        for i, text in zip(batch, texts):
+            out[i] = text
     return out, seconds
 
 
@@ -461,13 +448,13 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     if not (bundle / "bundle.json").is_file():
         return {**section, "skipped": f"no serving bundle in {bundle}: run `llmrec train` to generate reasons"}
     from llmrec.features import load_media_features
-    from llmrec.model.bundle import load_bundle
+    from serve.engines.hf import HFEngine
 
     t0 = time.perf_counter()
-    model, _ = load_bundle(bundle)
+    engine = HFEngine(bundle)
     features = load_media_features(run.features)
     load_s = time.perf_counter() - t0
-    texts, gen_s = generate_reasons(model, features, [c.prompt for c in cases], cfg.eval.reasons_max_new_tokens,
+    texts, gen_s = generate_reasons(engine, features, [c.prompt for c in cases], cfg.eval.reasons_max_new_tokens,
                                     batch_size=GEN_BATCH, max_length=cfg.train.max_length)
     kept = [i for i, t in enumerate(texts) if t is not None]
     if not kept:
@@ -480,7 +467,7 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     samples = [{"user": cases[i].user_id, "song": cases[i].song_id, "history": cases[i].history, "reason": texts[i],
                 "claims": _claims_json(cl), "template_reason": templates[i]}
                for i, cl in zip(kept[:N_SAMPLES], claims[:N_SAMPLES])]
-    dependence = prompt_dependence(model, features, [c.prompt for c in cases], templates, batch_size=GEN_BATCH,
+    dependence = prompt_dependence(engine.model, features, [c.prompt for c in cases], templates, batch_size=GEN_BATCH,
                                    max_length=cfg.train.max_length)
     return {**section, **metrics, "prompt_dependence": dependence,
             "latency_ms_per_reason": 1000 * gen_s / len(kept) if kept else None,

@@ -257,35 +257,35 @@ def test_template_reasons_pass_the_checker(synthetic_catalog, quick_config):
     assert m["faithfulness"] == 1.0 and m["hallucination_rate"] == 0.0
 
 
-def model_and_prompts(tiny_run, catalog, n: int):
-    """The tiny run's bundle, its features and the prompts of `n` sampled held-out plays."""
+def engine_and_prompts(tiny_run, catalog, n: int):
+    """The transformers engine over the tiny run's bundle, its features and the prompts of `n` sampled plays."""
     from llmrec.features import load_media_features
-    from llmrec.model.bundle import load_bundle
+    from serve.engines.hf import HFEngine
 
     cfg, run = tiny_run
-    model, _ = load_bundle(run.model / "bundle")
     cases, _ = rs.sample_cases(catalog.songs, *split_frames(catalog, cfg), n, seed=0, prompt_config=cfg.prompt)
-    return model, load_media_features(run.features), [c.prompt for c in cases]
+    return HFEngine(run.model / "bundle"), load_media_features(run.features), [c.prompt for c in cases]
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run, synthetic_catalog):
-    model, features, prompts = model_and_prompts(tiny_run, synthetic_catalog, 3)
-    batched, seconds = rs.generate_reasons(model, features, prompts, 5, batch_size=3, max_length=4096)
-    alone = [rs.generate_reasons(model, features, [p], 5, batch_size=1, max_length=4096)[0][0] for p in prompts]
+    engine, features, prompts = engine_and_prompts(tiny_run, synthetic_catalog, 3)
+    batched, seconds = rs.generate_reasons(engine, features, prompts, 5, batch_size=3, max_length=4096)
+    alone = [rs.generate_reasons(engine, features, [p], 5, batch_size=1, max_length=4096)[0][0] for p in prompts]
     assert batched == alone and all(isinstance(t, str) for t in batched) and seconds > 0
     assert len(set(batched)) > 1  # outputs differ per prompt, so a padding or media-order mistake would show
     # Prompts of different lengths really were padded in the batch.
     assert len({len(p.text) for p in prompts}) > 1
     # A prompt over max_length is not generated (None), the others are.
-    collate = MultimodalCollator(model.tokenizer, features, K, K, max_length=4096)
+    collate = MultimodalCollator(engine.model.tokenizer, features, K, K, max_length=4096)
     lengths = [len(collate.encode(p.text, None)[0]) for p in prompts]
     shortest = int(np.argmin(lengths))
-    cut, _ = rs.generate_reasons(model, features, prompts, 5, max_length=lengths[shortest])
+    cut, _ = rs.generate_reasons(engine, features, prompts, 5, max_length=lengths[shortest])
     assert cut[shortest] == batched[shortest] and None in cut
 
 
 def test_prompt_dependence_compares_own_and_rotated_prompts(tiny_run, synthetic_catalog):
-    model, features, prompts = model_and_prompts(tiny_run, synthetic_catalog, 4)
+    engine, features, prompts = engine_and_prompts(tiny_run, synthetic_catalog, 4)
+    model = engine.model
     answers = ["a slow piano song.", "Recommended because it is fast.", "A calm cover.", "Like your jazz plays."]
     dep = rs.prompt_dependence(model, features, prompts, answers, batch_size=3, max_length=4096)
     # by hand: the first pair alone, teacher-forced, is what the own-prompt loss averages over with the others
