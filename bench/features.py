@@ -34,6 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, wait
 from functools import partial
 from pathlib import Path
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,6 +109,14 @@ def start_pool(spec, workers: int, start_method: str) -> tuple[ProcessPoolExecut
     return ex, time.perf_counter() - t_start
 
 
+def peak_by_pid(readings: Iterable[tuple[int, float]]) -> dict[int, float]:
+    """The highest peak-RSS reading (MB) of each worker process, from (pid, MB) pairs."""
+    peaks: dict[int, float] = {}
+    for pid, mb in readings:
+        peaks[pid] = max(peaks.get(pid, 0.0), mb)
+    return peaks
+
+
 def timed_pool(ex: ProcessPoolExecutor, tasks) -> dict:
     """Steady state: every shard through the started pool."""
     t0 = time.perf_counter()
@@ -116,10 +125,8 @@ def timed_pool(ex: ProcessPoolExecutor, tasks) -> dict:
     seconds = time.perf_counter() - t0
     results = [f.result() for f in futures]
     n = sum(len(r["song_ids"]) for r in results)
-    rss: dict[int, float] = {}
-    for r in results:
-        rss[r["pid"]] = max(rss.get(r["pid"], 0.0), r["peak_rss_mb"])
-    return {"songs_per_s": n / seconds, "seconds": seconds, "peak_rss_mb": rss}
+    return {"songs_per_s": n / seconds, "seconds": seconds,
+            "peak_rss_mb": peak_by_pid((r["pid"], r["peak_rss_mb"]) for r in results)}
 
 
 def _independent_worker(spec, core: int, conn) -> None:
@@ -210,10 +217,7 @@ def steady_rounds(tasks, spec, workers: int, n_cores: int, start_method: str, ro
     finally:
         ex.shutdown()
         independent.close()
-    rss: dict[int, float] = {}
-    for run in runs["pool"]:
-        for pid, mb in run["peak_rss_mb"].items():
-            rss[pid] = max(rss.get(pid, 0.0), mb)
+    rss = peak_by_pid(item for run in runs["pool"] for item in run["peak_rss_mb"].items())
     return {"runs": runs, "startup_s": startup, "peak_rss_mb": rss}
 
 
