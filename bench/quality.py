@@ -35,7 +35,7 @@ from llmrec.io import atomic_write_text, open_run_dir  # noqa: E402
 from train.stages import run_train  # noqa: E402
 
 DATASETS = ("synthetic", "lastfm")
-METRICS = ("recall@20", "ndcg@20", "tail_share@20")
+METRICS = ("recall@20", "ndcg@20", "tail_share@20", "new_share@20")
 ABLATION_MODELS = ("llmrec-text", "llmrec-text+audio", "llmrec-text+cover", "llmrec")
 RATIOS = (("llmrec", "best_cf"), ("hybrid", "best_cf"), ("llmrec", "text"), ("llmrec", "text2cf"))
 
@@ -212,6 +212,18 @@ def targets(name: str, summary: dict, tail: dict | None) -> list[dict]:
     return rows
 
 
+def new_items_markdown(slices: dict) -> list[str]:
+    """How many of the top-20 slots of the one whole-catalogue ranking go to new items, per model that shows any:
+    what the hybrid pays on `warm` (where every such slot is a miss) for what it gains on `all`."""
+    s = slices.get("all", {})
+    shares = {m: v["new_share@20"] for m, v in s.get("models", {}).items() if v.get("new_share@20")}
+    if s.get("empty") or not shares:
+        return []
+    return ["", "New items in the top 20 of the whole-catalogue ranking (`all` slice, new_share@20): "
+            + ", ".join(f"{m} {v:.3f}" for m, v in shares.items())
+            + ". On `warm` each such slot is one a known item could have hit; on `all` it is how new items are found."]
+
+
 def results_markdown(result: dict) -> str:
     """The README's results table: recall@20 per slice for the best CF model, text, text2cf, llmrec and hybrid,
     the headline ratios, and the ablation probes — generated from this run, never typed in."""
@@ -239,6 +251,7 @@ def results_markdown(result: dict) -> str:
                     "| target | measured | required | met |", "|---|---:|---:|---|"]
             out += [f"| {t['target']} | {'–' if t['value'] is None else format(t['value'], '.3f')} | "
                     f"{t['required']:g} | {verdict(t, 'yes', 'no')} |" for t in d["targets"]]
+        out += new_items_markdown(d["slices"])
         tail = d.get("long_tail")
         if tail:
             out += ["", f"Long tail (`all` slice, top 20): ALS puts {tail['als_tail_share@20']:.3f} of its "

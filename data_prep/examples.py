@@ -10,7 +10,8 @@ examples/meta.json counts, skips, sanitiser stats, the split, the prompt/example
 
 Leakage rule: everything built from interactions — stage-2 histories and candidates, ALS factors, co-listened
 positives — comes from the TRAIN part of `llmrec.split.split_catalog` (the split eval uses), positives only
-(`skip` events are not plays). Stage-1 captions use song content only, and by default leave out cold songs (first
+(`skip` events are not plays), minus the validation plays eval tunes on (`llmrec.split.tuning_split`; keep them
+with `examples.hold_out_tuning_plays: false`, e.g. for a final production model that is not tuned afterwards). Stage-1 captions use song content only, and by default leave out cold songs (first
 play at/after the split time, or released at/after it), so the cold-start slice stays unseen.
 
 Answers are grounded: on the synthetic catalog they come from the ground truth in `song_attributes.parquet` (audio
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from llmrec.config import Config
 from llmrec.io import RunDir, atomic_dir, atomic_write_json
 from llmrec.schema import Catalog, load_catalog
-from llmrec.split import Split, split_catalog
+from llmrec.split import Split, positive_plays, split_catalog, tuning_split
 from llmrec.text import SongText, build_stage1_prompt, build_stage2_prompt, history_title, sanitize_song, song_media
 
 # Attributes a reason may claim, in the order they are preferred when more than three are shared, and the
@@ -157,10 +158,19 @@ def _iso(ts: Any) -> str:
     return pd.Timestamp(ts).isoformat()
 
 
-def _positives(split: Split) -> pd.DataFrame:
-    train = split.train
-    if "event" in train.columns:
-        train = train[train["event"].fillna("play") != "skip"]
+def training_plays(split: Split, cfg: Config) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The plays stage-2 examples and CF pairs are built from, and what was held out of them for tuning
+    (`tuning_holdout` in meta.json, which eval checks)."""
+    if not cfg.examples.hold_out_tuning_plays:
+        return positive_plays(split.train), {"held_out": False}
+    inner = tuning_split(split, cfg.seed)
+    return inner.train, {"held_out": True, "seed": cfg.seed, "plays": len(inner.test),
+                         "songs": len(inner.cold_songs)}
+
+
+def _positives(plays: pd.DataFrame) -> pd.DataFrame:
+    """Positive plays in time order per user (log order breaks ties)."""
+    train = positive_plays(plays)
     train = train.assign(timestamp=pd.to_datetime(train["timestamp"], utc=True), _pos=np.arange(len(train)))
     return train.sort_values(["user_id", "timestamp", "_pos"], kind="stable").reset_index(drop=True)
 
@@ -214,10 +224,10 @@ def _user_candidates(g: pd.DataFrame, history_len: int,
     return sorted(out), len(latest) - len(out)
 
 
-def build_stage2(songs: dict[str, SongText], split: Split, attrs: dict[str, dict[str, str]], cfg: Config,
+def build_stage2(songs: dict[str, SongText], plays: pd.DataFrame, attrs: dict[str, dict[str, str]], cfg: Config,
                  skipped: Counter, progress: bool = False, time_axis: bool = True) -> list[dict[str, Any]]:
     rng = np.random.default_rng([cfg.seed, 2])
-    train = _positives(split)
+    train = _positives(plays)
     rows = []
     groups = list(train.groupby("user_id", sort=True))
     for user, g in tqdm(groups, desc="stage-2 examples", disable=not progress):
@@ -267,13 +277,13 @@ def fit_als(train: pd.DataFrame, cfg: Config) -> tuple[list[str], np.ndarray]:
     return [str(s) for s in items], np.asarray(model.item_factors, dtype=np.float32)
 
 
-def build_pairs(split: Split, cfg: Config, skipped: Counter) -> list[dict[str, Any]]:
+def build_pairs(plays: pd.DataFrame, cfg: Config, skipped: Counter) -> list[dict[str, Any]]:
     """One row per warm song (x `pairs_per_song`): its ALS item factor and a co-listened song — another song a
     user played in the train period, sampled in proportion to the number of users who played both. Songs nobody
     co-listened keep their factor with `pos_song_id` None (counted)."""
     import scipy.sparse as sp
 
-    train = _positives(split)
+    train = _positives(plays)
     if train.empty:
         return []
     song_ids, factors = fit_als(train, cfg)
@@ -312,8 +322,9 @@ def make_examples(catalog: Catalog, cfg: Config, truth: pd.DataFrame | None = No
     skipped: Counter = Counter()
     stage1 = build_stage1(catalog, songs, split, attrs, cfg, skipped, progress)
     time_axis = catalog.meta.get("time_axis") is not False  # lastfm-2k: timestamps are placeholders
-    stage2 = build_stage2(songs, split, attrs, cfg, skipped, progress, time_axis)
-    pairs = build_pairs(split, cfg, skipped)
+    plays, held_out = training_plays(split, cfg)
+    stage2 = build_stage2(songs, plays, attrs, cfg, skipped, progress, time_axis)
+    pairs = build_pairs(plays, cfg, skipped)
     meta = {
         "counts": {"stage1": len(stage1), "stage2": len(stage2), "pairs": len(pairs),
                    "stage2_users": len({r["user_id"] for r in stage2}),
@@ -321,6 +332,7 @@ def make_examples(catalog: Catalog, cfg: Config, truth: pd.DataFrame | None = No
         "skipped": dict(sorted(skipped.items())),
         "sanitizer": dict(sorted(stats.items())),
         "split": split.summary(),
+        "tuning_holdout": held_out,
         "answers_from": ("synthetic ground truth (song_attributes.parquet)" if truth is not None
                          else "genres and artist"),
         "config": {"prompt": asdict(cfg.prompt), "examples": asdict(cfg.examples), "seed": cfg.seed},

@@ -32,6 +32,8 @@ Aggregate (catalogue-level) metrics are computed over the evaluated users' lists
   recommended count as 0). 0 = perfectly even exposure, ``1 - 1/n`` = everything on one item.
 * ``tail_share@k``: fraction of filled recommendation slots whose item is a tail item
   (``is_tail`` boolean array, e.g. items outside the top 20% by training plays).
+* ``new_share@k``: fraction of filled slots whose item is new (``is_new``, e.g. items without training
+  plays): in a whole-catalogue ranking, how far new items surface next to known ones.
 * ``recall@k_pop{b}``: micro-averaged recall of relevant (user, item) pairs whose item falls into
   popularity bucket ``b`` (0 = least popular); see :func:`popularity_buckets`.
 """
@@ -282,7 +284,8 @@ def gini(counts: np.ndarray) -> float:
 
 
 def tail_share(topk: np.ndarray, is_tail: np.ndarray, k: int | None = None) -> float:
-    """Fraction of filled slots (``!= -1``) in the top-k lists that hold tail items."""
+    """Fraction of filled slots (``!= -1``) in the top-k lists that hold tail items (any item mask works: the
+    evaluation also uses it for ``new_share@k``, the slots that hold new items)."""
     t = topk if k is None else topk[:, :k]
     t = t[t >= 0]
     if t.size == 0:
@@ -395,6 +398,7 @@ def evaluate_topk(
     n_pop_buckets: int = 5,
     mrr_k: int | None = None,
     return_per_user: bool = False,
+    is_new: np.ndarray | None = None,
 ):
     """Summarise precomputed top-k lists (see :func:`evaluate_ranking` for the keys).
 
@@ -408,6 +412,7 @@ def evaluate_topk(
     n_users, n_items = test.shape
     candidates = _check_mask("candidates", candidates, n_items)
     is_tail = _check_mask("is_tail", is_tail, n_items)
+    is_new = _check_mask("is_new", is_new, n_items)
     need = max(max(ks), mrr_k)
     if topk.ndim != 2 or topk.shape[0] != n_users or topk.shape[1] < need:
         raise ValueError(f"topk must have shape ({n_users}, >= {need}), got {topk.shape}")
@@ -440,6 +445,8 @@ def evaluate_topk(
         res[f"gini@{k}"] = gini(counts if candidates is None else counts[candidates])
         if is_tail is not None:
             res[f"tail_share@{k}"] = tail_share(topk_u, is_tail, k)
+        if is_new is not None:
+            res[f"new_share@{k}"] = tail_share(topk_u, is_new, k)
         if bucket is not None:
             rec, n_in = popularity_bucket_recall(topk_u, hits, rel_u, bucket, k)
             for b, v in enumerate(rec):
@@ -464,6 +471,7 @@ def evaluate_ranking(
     n_pop_buckets: int = 5,
     mrr_k: int | None = None,
     return_per_user: bool = False,
+    is_new: np.ndarray | None = None,
 ):
     """Rank the full catalogue (or ``candidates``) from ``scores`` and summarise.
 
@@ -479,6 +487,7 @@ def evaluate_ranking(
     candidates: boolean ``(n_items,)`` restricting the ranking (cold-start protocol); coverage and
         Gini are then computed over candidates only.
     is_tail: boolean ``(n_items,)``; adds ``tail_share@k``.
+    is_new: boolean ``(n_items,)``; adds ``new_share@k``.
     item_pop: training popularity per item; adds ``recall@k_pop{b}`` and ``n_relevant_pop{b}``.
     mrr_k: MRR cut-off, default ``max(ks)``.
     return_per_user: also return the per-user arrays (for :func:`bootstrap_ci`).
@@ -486,7 +495,7 @@ def evaluate_ranking(
     Returns
     -------
     dict with ``recall@k``, ``precision@k``, ``ndcg@k``, ``hr@k``, ``coverage@k``, ``gini@k``
-    (+ optional ``tail_share@k``, bucket recalls), ``mrr``, ``mrr_cutoff``, ``n_users``,
+    (+ optional ``tail_share@k``, ``new_share@k``, bucket recalls), ``mrr``, ``mrr_cutoff``, ``n_users``,
     ``n_users_skipped``, ``n_candidates``. If no user has a relevant item:
     ``{"n_users": 0, "n_users_skipped": n, "empty": True}``.
     """
@@ -503,6 +512,7 @@ def evaluate_ranking(
         n_pop_buckets=n_pop_buckets,
         mrr_k=mrr_k,
         return_per_user=return_per_user,
+        is_new=is_new,
     )
 
 

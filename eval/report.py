@@ -43,7 +43,7 @@ from eval.reasons import evaluate_reasons
 from llmrec.config import Config
 from llmrec.io import MissingArtefactError, RunDir, atomic_path, atomic_write_json, atomic_write_text
 from llmrec.schema import Catalog, load_catalog
-from llmrec.split import Split, item_holdout_split, split_catalog
+from llmrec.split import Split, positive_plays as positives, split_catalog, tuning_split
 
 SLICES = ("all", "warm", "cold")
 CF_MODELS = ("mostpop", "itemknn", "als", "bpr")  # "best CF" in the headline is the best of these per slice
@@ -349,18 +349,13 @@ def _search(name: str, grid: list[dict], make: Callable[[dict], Recommender],
     return tuned.params[name], best_score
 
 
-def inner_validation(train_df: pd.DataFrame, seed: int) -> Split:
-    """Tuning data: an item hold-out of the training part, so that the cold-start knobs can be tuned too."""
-    return item_holdout_split(train_df, cold_fraction=0.1, test_fraction=0.2, seed=seed + 1)
-
-
-def tune(catalog: Catalog, train_df: pd.DataFrame, text: np.ndarray, llm: np.ndarray | None, seed: int,
+def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | None, seed: int,
          progress: bool, user_tower: str = "cf", tail_ndcg_budget: float = 0.05) -> Tuned:
-    """Grid-search the CF hyperparameters on warm validation recall@20, then the ridge strengths of text2cf and
-    llmrec's CF tower on cold validation songs, the hybrid's blend weight (warm validation) and cold offset (all
-    validation), and hybrid-tail's popularity penalty and cold offset (`_tune_tail`). The test part is never
-    touched. Without llmrec embeddings there is no hybrid to tune, and no hybrid-tail."""
-    inner = inner_validation(train_df, seed)
+    """Grid-search on `inner` (`llmrec.split.tuning_split`: an item hold-out of the training part, which llmrec's
+    training examples leave out too) the CF hyperparameters on warm validation recall@20, then the ridge strengths
+    of text2cf and llmrec's CF tower on cold validation songs, the hybrid's blend weight (warm validation) and
+    cold offset (all validation), and hybrid-tail's popularity penalty and cold offset (`_tune_tail`). The test
+    part is never touched. Without llmrec embeddings there is no hybrid to tune, and no hybrid-tail."""
     d = build_data(catalog, inner.train, inner.test, seed)
     tuned = Tuned(how=f"grid search on an item hold-out of the training part ({len(inner.train)} fit / "
                       f"{len(inner.test)} validation interactions), validation recall@20", progress=progress)
@@ -519,7 +514,8 @@ def evaluate_models(models: dict[str, Recommender], data: EvalData, ks: list[int
             res, pu = evaluate_topk(cold if slice_name == "cold" else whole, test, ks=ks, candidates=cand,
                                     is_tail=None if slice_name == "cold" else data.is_tail,
                                     item_pop=None if slice_name == "cold" else data.item_pop,
-                                    n_pop_buckets=N_POP_BUCKETS, return_per_user=True)
+                                    n_pop_buckets=N_POP_BUCKETS, return_per_user=True,
+                                    is_new=None if slice_name == "cold" or not data.cold.any() else data.cold)
             results[slice_name][model_name] = res
             per_user[slice_name][model_name] = pu[HEADLINE]
         if progress:
@@ -562,11 +558,6 @@ def load_eval_catalog(run: RunDir) -> Catalog:
     return load_catalog(run.catalog)
 
 
-def positives(df: pd.DataFrame) -> pd.DataFrame:
-    """Skips are not positives (the same rule as the training examples, data_prep/examples.py)."""
-    return df[df["event"].fillna("play") != "skip"] if "event" in df.columns else df
-
-
 def load_llm_vectors(run: RunDir, song_ids: np.ndarray, notes: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for variant in [None, *llmrec_variants(run)]:
@@ -599,8 +590,10 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     llm = load_llm_vectors(run, data.song_ids, notes)
     t_tune = time.perf_counter()
     check_user_tower(cfg.eval.user_tower)  # before minutes of tuning
-    tuned = (tune(catalog, train_df, text, llm.get("llmrec"), cfg.seed, progress, cfg.eval.user_tower,
-                  cfg.eval.tail_ndcg_budget)
+    if cfg.eval.tune and "llmrec" in llm:
+        notes.extend(tuning_holdout_notes(run, cfg))
+    tuned = (tune(catalog, tuning_split(split, cfg.seed), text, llm.get("llmrec"), cfg.seed, progress,
+                  cfg.eval.user_tower, cfg.eval.tail_ndcg_budget)
              if cfg.eval.tune else default_params("llmrec" in llm))
     t_fit = time.perf_counter()
     models = build_models(data, tuned.params, text, llm, cfg.seed, cfg.eval.user_tower)
@@ -633,6 +626,21 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     summary = {s: {m: round(r[HEADLINE], 4) for m, r in results[s].items() if not r.get("empty")} for s in SLICES}
     return {"report": str(paths[0]), "markdown": str(paths[1]), "plots": ", ".join(p.name for p in paths[2:]),
             **{f"{HEADLINE} ({s})": summary[s] or "empty slice" for s in SLICES}}
+
+
+def tuning_holdout_notes(run: RunDir, cfg: Config) -> list[str]:
+    """A note when llmrec's training examples may include the validation plays its knobs are tuned on (examples
+    built with `examples.hold_out_tuning_plays: false`, with another seed, or by a version that did not record
+    it): llmrec's validation figures, and so the knobs of llmrec, hybrid and hybrid-tail, are then optimistic."""
+    meta_path = run.examples / "meta.json"
+    held = json.loads(meta_path.read_text()).get("tuning_holdout", {}) if meta_path.is_file() else {}
+    if held.get("held_out") and held.get("seed") == cfg.seed:
+        return []
+    why = ("its examples were built with examples.hold_out_tuning_plays=false" if held.get("held_out") is False
+           else f"its examples were built with seed {held['seed']}, not {cfg.seed}" if "seed" in held
+           else f"{meta_path} does not record that the validation plays were held out (rerun `llmrec prepare`)")
+    return [f"tuning: llmrec may have been trained on the validation plays its knobs are tuned on ({why}); the "
+            "tuned settings of llmrec, hybrid and hybrid-tail may be optimistic"]
 
 
 def dataset_notes(catalog: Catalog, cfg: Config, split: Split) -> list[str]:
@@ -671,16 +679,19 @@ def split_summary(split: Split, data: EvalData, cfg: Config) -> dict[str, Any]:
 
 LOWER_IS_BETTER = ("gini@",)
 BEYOND_ACCURACY = ("coverage@", "gini@", "tail_share@")
+NO_BEST = ("new_share@",)  # how many new songs a ranking shows is a trade-off (see the warm slice), not a score
 
 
 def table_columns(ks: list[int], slice_name: str) -> list[str]:
     cols = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["hr@20", "mrr", "coverage@20", "gini@20"]
-    return cols + ([] if slice_name == "cold" else ["tail_share@20"])
+    return cols + ([] if slice_name == "cold" else ["tail_share@20", "new_share@20"])
 
 
 def _best_per_column(rows: dict[str, dict], cols: list[str]) -> dict[str, float]:
     best = {}
     for c in cols:
+        if c.startswith(NO_BEST):
+            continue
         # Random trivially "wins" coverage/gini/tail share; bold the best real model there.
         vals = [r[c] for m, r in rows.items() if c in r and np.isfinite(r[c])
                 and not (m == "random" and c.startswith(BEYOND_ACCURACY))]
@@ -724,7 +735,10 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
             out += ["Empty slice: no test plays here, so no model is scored (not a zero).", ""]
             continue
         out += markdown_table(report["results"][name], table_columns(report["ks"], name)) + [""]
-    out += ["Bold: best per column (lowest for gini; random is left out of coverage/gini/tail share).", ""]
+    out += ["Bold: best per column (lowest for gini; random is left out of coverage/gini/tail share). "
+            "tail_share@20: share of the top-20 slots holding songs outside the top 20% by training plays. "
+            "new_share@20: share holding new songs (no training plays), not bolded: on `warm` every such slot is "
+            "one a known song could have hit, on `all` it is what lets new songs be found.", ""]
     tail = report["hyperparameters"].get("hybrid-tail")
     if tail:
         out += [f"`hybrid` is tuned for recall on validation. `hybrid-tail` is the same blend tuned for long-tail "

@@ -235,6 +235,9 @@ class ExamplesConfig:
     als_regularization: float = 0.05
     als_threads: int = 1  # 1 keeps ALS deterministic for a seed
     pairs_per_song: int = 1  # co-listened positives per warm song
+    # Leave out the validation plays eval tunes on (llmrec.split.tuning_split), so that llmrec's knobs and the
+    # hybrid's blend are chosen on plays the model has not seen. False trains on every train-part play.
+    hold_out_tuning_plays: bool = True
 
 
 @dataclass

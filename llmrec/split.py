@@ -14,7 +14,11 @@ Three kinds:
   random share of songs is held out entirely (cold), plus a per-user share of the remaining pairs (warm test).
 
 Rows keep every column of the input log (play, like, skip, ...); which events count as positives is the
-consumer's choice.
+consumer's choice (`positive_plays` is the rule data_prep and eval share).
+
+`tuning_split` carves the hold-out that every tuned knob is chosen on out of the training part. data_prep builds the
+llmrec training examples from its `train` part only, so the model never sees the plays its hyperparameters, blend
+and cold offset are tuned on -- the same rule the test part follows, one level down.
 """
 from __future__ import annotations
 
@@ -183,3 +187,24 @@ def _per_user_draw(users: np.ndarray, fraction: float, rng: np.random.Generator)
     mask = np.zeros(len(users), dtype=bool)
     mask[order["pos"].to_numpy()[rank < take]] = True
     return mask
+
+
+def positive_plays(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Rows that count as plays: every row but `skip` events (log order kept)."""
+    if "event" not in interactions.columns:
+        return interactions
+    return interactions[interactions["event"].fillna("play") != "skip"]
+
+
+def tuning_split(split: Split, seed: int) -> Split:
+    """The validation data of a split: an item hold-out of its training part (train + valid, positives only).
+
+    10% of the songs are held out entirely (so the cold-start knobs can be tuned), plus 20% of each user's other
+    plays. `eval.report.tune` chooses every hyperparameter on it, then the final models are fitted on the whole
+    training part. `data_prep.examples` builds llmrec's training examples from its `train` part (unless
+    `examples.hold_out_tuning_plays` is false), so llmrec, like the CF models being tuned, has not seen the
+    validation plays. Deterministic for (split, seed): data_prep and eval get the same hold-out from the config's
+    seed.
+    """
+    fit = positive_plays(pd.concat([split.train, split.valid], ignore_index=True))
+    return item_holdout_split(fit, cold_fraction=0.1, test_fraction=0.2, seed=seed + 1)

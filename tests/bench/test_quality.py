@@ -50,3 +50,12 @@ def test_the_markdown_has_the_targets_table():
     md = quality.results_markdown(result)
     assert "| hybrid vs best CF, warm recall@20 | 0.840 | 1.05 | no, short by 20% |" in md
     assert "| hybrid vs best CF, all recall@20 | – | 1.1 | no |" in md
+
+
+def test_the_markdown_says_how_many_new_items_reach_the_top_20():
+    slices = {"all": {"models": {"als": {"recall@20": 0.2, "new_share@20": 0.0},
+                                 "hybrid": {"recall@20": 0.24, "new_share@20": 0.1734}}}}
+    line = quality.new_items_markdown(slices)[1]
+    assert "hybrid 0.173" in line and "als" not in line  # models that show no new item are left out
+    assert quality.new_items_markdown({"all": {"empty": True}}) == []
+    assert quality.new_items_markdown({"all": {"models": {"als": {"new_share@20": 0.0}}}}) == []

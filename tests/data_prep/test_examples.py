@@ -12,7 +12,7 @@ from data_prep.examples import build_examples, load_examples, make_examples, sav
 from data_prep.synthetic import HOSTILE_COMMENTS, INSTRUMENTS, MOODS, load_song_attributes
 from llmrec.io import RunDir
 from llmrec.schema import Catalog
-from llmrec.split import split_catalog
+from llmrec.split import split_catalog, tuning_split
 from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
 
 TEMPO = {"slow": "slow", "medium": "mid-tempo", "fast": "fast"}
@@ -27,6 +27,16 @@ def truth(synthetic_catalog):
 @pytest.fixture(scope="module")
 def split(synthetic_catalog, quick_config):
     return split_catalog(synthetic_catalog, quick_config.eval.split, quick_config.eval.valid_days)
+
+
+@pytest.fixture(scope="module")
+def inner(split, quick_config):
+    """The validation hold-out eval tunes on (and the examples leave out)."""
+    return tuning_split(split, quick_config.seed)
+
+
+def rows(df: pd.DataFrame) -> set:
+    return set(zip(df.user_id, df.song_id, pd.to_datetime(df.timestamp, utc=True)))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +57,7 @@ def words(text: str) -> set[str]:
     return set(re.findall(r"[\w-]+", text.lower()))
 
 
-def test_counts_and_meta(built, split, synthetic_catalog, quick_config):
+def test_counts_and_meta(built, split, inner, synthetic_catalog, quick_config):
     result, run, ex = built
     meta = ex["meta"]
     n_users = synthetic_catalog.interactions.user_id.nunique()
@@ -58,7 +68,10 @@ def test_counts_and_meta(built, split, synthetic_catalog, quick_config):
     assert set(ex["stage1"]["song_id"]) == captioned
     assert 0 < len(ex["stage2"]) <= n_users * quick_config.examples.stage2_per_user
     assert meta["counts"]["stage2"] == len(ex["stage2"]) and meta["counts"]["stage2_users"] == n_users
-    assert meta["counts"]["pairs"] == len(ex["pairs"]) == len(split.warm_songs)
+    # one pair per song played in the training plays: the train part minus the tuning hold-out
+    assert meta["counts"]["pairs"] == len(ex["pairs"]) == len(inner.warm_songs) < len(split.warm_songs)
+    assert meta["tuning_holdout"] == {"held_out": True, "seed": quick_config.seed, "plays": len(inner.test),
+                                      "songs": len(inner.cold_songs)}
     assert meta["split"]["kind"] == "temporal" and meta["split"]["cold_songs"] == len(split.cold_songs)
     assert f"stage2 {len(ex['stage2'])}" in result["examples"] and str(run.examples) in result["examples"]
     # the hostile comments of the synthetic catalog were met and counted
@@ -96,23 +109,37 @@ def test_save_is_atomic_and_replaces(built, tmp_path, synthetic_catalog, quick_c
     assert again["stage2"].to_list() == [{k: r[k] for k in ex["stage2"].column_names} for r in small.stage2]
 
 
-def test_no_test_period_interaction_reaches_training(stage2, built, split):
-    train = set(zip(split.train.user_id, split.train.song_id, pd.to_datetime(split.train.timestamp, utc=True)))
+def test_no_test_period_or_validation_play_reaches_training(stage2, built, split, inner):
+    """Stage-2 rows, their histories and the CF pairs come from the train part minus the validation plays eval
+    tunes on: no test play, no validation play, and nothing about the songs held out for cold-start tuning."""
+    fit, valid = rows(inner.train), rows(inner.test)
+    assert fit and valid and not fit & valid and fit | valid == rows(split.train)
     for r in stage2:
         t = pd.Timestamp(r["timestamp"])
-        assert (r["user_id"], r["song_id"], t) in train
+        assert (r["user_id"], r["song_id"], t) in fit
         assert t < split.split_time
+        assert r["song_id"] not in inner.cold_songs
         for sid, ht in zip(r["history_song_ids"], r["history_timestamps"], strict=True):
             ht = pd.Timestamp(ht)
-            assert (r["user_id"], sid, ht) in train and ht < t  # history strictly before the candidate play
+            assert (r["user_id"], sid, ht) in fit and ht < t  # history strictly before the candidate play
         assert r["song_id"] not in r["history_song_ids"]
         assert len(set(r["history_song_ids"])) == len(r["history_song_ids"])
     pairs = built[2]["pairs"]
-    assert set(pairs["song_id"]) == split.warm_songs and not set(pairs["song_id"]) & split.cold_songs
+    assert set(pairs["song_id"]) == inner.warm_songs and not set(pairs["song_id"]) & split.cold_songs
+    assert not set(pairs["song_id"]) & inner.cold_songs
     assert not {r["song_id"] for r in built[2]["stage1"]} & split.cold_songs
-    played = split.train.groupby("user_id").song_id.agg(set)
+    played = inner.train.groupby("user_id").song_id.agg(set)
     for sid, pos in zip(pairs["song_id"], pairs["pos_song_id"]):
-        assert pos is None or any(sid in s and pos in s for s in played), (sid, pos)  # co-listened in train
+        assert pos is None or any(sid in s and pos in s for s in played), (sid, pos)  # co-listened in fit plays
+
+
+def test_keeping_the_validation_plays_trains_on_the_whole_train_part(synthetic_catalog, quick_config, split):
+    cfg = dataclasses.replace(quick_config,
+                              examples=dataclasses.replace(quick_config.examples, hold_out_tuning_plays=False))
+    ex = make_examples(synthetic_catalog, cfg, load_song_attributes(synthetic_catalog.root))
+    assert ex.meta["tuning_holdout"] == {"held_out": False}
+    assert {r["song_id"] for r in ex.pairs} == split.warm_songs
+    assert {(r["user_id"], r["song_id"], pd.Timestamp(r["timestamp"])) for r in ex.stage2} <= rows(split.train)
 
 
 def test_examples_do_not_change_when_the_test_period_changes(synthetic_catalog, quick_config, stage2, built, split):
@@ -239,11 +266,12 @@ def test_catalog_without_a_time_axis(synthetic_catalog, quick_config):
                               meta={**synthetic_catalog.meta, "time_axis": False, "split_time": None})
     ex = make_examples(cat, quick_config, load_song_attributes(synthetic_catalog.root))
     sp = split_catalog(cat, quick_config.eval.split)
+    fit = tuning_split(sp, quick_config.seed).train  # the train part minus the validation plays
     assert ex.meta["split"]["kind"] == "item_holdout" and ex.stage2
-    train_pairs = set(zip(sp.train.user_id, sp.train.song_id))
+    train_pairs = set(zip(fit.user_id, fit.song_id))
     for r in ex.stage2:
         assert (r["user_id"], r["song_id"]) in train_pairs
         assert all((r["user_id"], h) in train_pairs for h in r["history_song_ids"])
         assert r["song_id"] not in r["history_song_ids"]
     assert not {r["song_id"] for r in ex.stage1} & sp.cold_songs
-    assert {r["song_id"] for r in ex.pairs} == sp.warm_songs
+    assert {r["song_id"] for r in ex.pairs} == set(fit.song_id) < sp.warm_songs

@@ -160,6 +160,16 @@ def test_coverage_gini_tail_share():
     # tail items {3,4,5}: u0 has 1, u1 has 3, u3 has 0 of 9 slots
     assert r["tail_share@3"] == pytest.approx((1 + 3 + 0) / 9)
     assert r["tail_share@1"] == pytest.approx((0 + 1 + 0) / 3)
+    assert "new_share@3" not in r  # only with an is_new mask
+
+
+def test_new_share_counts_slots_holding_new_items():
+    # new items {4, 5}; top-3 lists u0 [1,2,3], u1 [5,4,3], u3 [0,1,2]: 0 + 2 + 0 of 9 slots; top-1: 0 + 1 + 0 of 3
+    r = _evaluate(is_new=np.array([False, False, False, False, True, True]))
+    assert r["new_share@3"] == pytest.approx(2 / 9)
+    assert r["new_share@1"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        _evaluate(is_new=np.array([True, False]))
 
 
 def test_gini_extremes():

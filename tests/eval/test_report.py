@@ -16,7 +16,7 @@ from eval import report as rep
 from llmrec import cli
 from llmrec.io import MissingArtefactError, RunDir, open_run_dir
 from llmrec.schema import Catalog, save_catalog
-from llmrec.split import item_holdout_split, split_catalog
+from llmrec.split import item_holdout_split, split_catalog, tuning_split
 
 QUIET = argparse.Namespace(no_progress=True)
 CF_AND_CONTENT = ["random", "mostpop", "itemknn", "als", "bpr", "text", "text2cf"]
@@ -77,14 +77,21 @@ def test_report_json_follows_the_contract(evaluated):
             for key in ("recall@10", "recall@20", "recall@50", "ndcg@20", "hr@20", "mrr", "coverage@20", "gini@20"):
                 assert 0.0 <= metrics[key] <= 1.0, (slice_name, model, key)
     assert "tail_share@20" in report["results"]["all"]["als"]
+    # new songs in the top 20 of the whole-catalogue rankings; the cold slice ranks new songs only
+    assert 0.0 <= report["results"]["all"]["text"]["new_share@20"] <= 1.0
+    assert "new_share@20" not in report["results"]["cold"]["als"]
     assert "recall@20_pop0" in report["results"]["warm"]["itemknn"]
     # The cold slice ranks among cold songs only: its candidate count is the number of cold songs.
     assert report["split"]["slices"]["cold"]["candidates"] == report["results"]["cold"]["als"]["n_candidates"] < 144
     assert report["split"]["kind"] == "temporal" and report["split"]["cold_songs"] > 0
 
 
-def test_tuned_hyperparameters_and_headline_are_recorded(evaluated):
+def test_tuned_hyperparameters_and_headline_are_recorded(evaluated, synthetic_catalog, eval_cfg):
     _, _, report = evaluated
+    # tuned on the hold-out that data_prep leaves out of llmrec's training examples (llmrec.split.tuning_split)
+    inner = tuning_split(split_catalog(synthetic_catalog, eval_cfg.eval.split, eval_cfg.eval.valid_days),
+                         eval_cfg.seed)
+    assert f"({len(inner.train)} fit / {len(inner.test)} validation interactions)" in report["tuning"]["how"]
     hp = report["hyperparameters"]
     assert set(hp) >= {"itemknn", "als", "bpr", "text2cf"}
     assert hp["als"]["factors"] in rep.ALS_FACTORS and "k" in hp["itemknn"]
@@ -103,6 +110,7 @@ def test_markdown_and_plots_are_written(evaluated):
     for slice_name in ("all", "warm", "cold"):
         assert f"## {slice_name} —" in md
     assert "| itemknn |" in md and "**" in md  # best per column in bold
+    assert "new_share@20 |" in md and "new_share@20: share holding new songs" in md
     for name in ("recall_at_k.png", "recall_by_popularity.png", "cold_start.png"):
         data = (run.eval / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
@@ -136,6 +144,23 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     assert "llmrec - text" in report["headline"]["cold"]["differences"]
     assert "llmrec" in report["hyperparameters"]  # the CF tower's ridge strength is tuned like text2cf's
     assert cold["llmrec-history"]["recall@20"] > cold["random"]["recall@20"]  # the other user tower, reported
+
+
+def test_a_note_says_when_llmrec_may_have_seen_the_validation_plays(tmp_path, eval_cfg):
+    run = open_run_dir(tmp_path / "run")
+    assert "rerun `llmrec prepare`" in rep.tuning_holdout_notes(run, eval_cfg)[0]  # no examples/meta.json
+    run.examples.mkdir()
+    cases = [({"held_out": True, "seed": eval_cfg.seed, "plays": 10, "songs": 2}, None),
+             ({"held_out": False}, "hold_out_tuning_plays=false"),
+             ({"held_out": True, "seed": eval_cfg.seed + 1}, f"seed {eval_cfg.seed + 1}, not {eval_cfg.seed}"),
+             ({}, "does not record")]
+    for held, expected in cases:
+        (run.examples / "meta.json").write_text(json.dumps({"tuning_holdout": held} if held else {}))
+        notes = rep.tuning_holdout_notes(run, eval_cfg)
+        if expected is None:
+            assert notes == []
+        else:
+            assert len(notes) == 1 and expected in notes[0] and "optimistic" in notes[0]
 
 
 def test_llmrec_cf_tower_scores_every_song_through_its_embedding():

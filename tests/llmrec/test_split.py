@@ -6,7 +6,7 @@ import pytest
 
 from data_prep.synthetic import load_song_attributes
 from llmrec.schema import split_time
-from llmrec.split import Split, leave_last_out, split_catalog, temporal_split
+from llmrec.split import Split, leave_last_out, split_catalog, temporal_split, tuning_split
 
 
 def log(rows):
@@ -94,3 +94,22 @@ def test_errors_name_the_problem(small_log, synthetic_catalog):
         temporal_split(small_log.drop(columns=["timestamp"]), "2026-01-09")
     with pytest.raises(ValueError, match="not supported"):
         split_catalog(synthetic_catalog, "random")
+
+
+def test_tuning_split_holds_out_songs_and_plays_of_the_training_part_only():
+    """The validation data eval tunes on (and data_prep leaves out of the examples): an item hold-out of train +
+    valid, positives only, never a test play; the same for the same seed."""
+    times = pd.date_range("2026-01-01", periods=400, freq="h", tz="UTC")
+    df = log([(f"u{i % 11}", f"s{(i * 7) % 29}", t) for i, t in enumerate(times)])
+    df.loc[df.index % 10 == 3, "event"] = "skip"
+    sp = temporal_split(df, times[300], valid_days=1)
+    inner = tuning_split(sp, seed=0)
+    plays = pd.concat([sp.train, sp.valid])
+    plays = plays[plays.event != "skip"]
+    assert keys(pd.concat([inner.train, inner.test])) == keys(plays)  # train + valid plays, split in two
+    assert not set(keys(inner.test)) & set(keys(sp.test)) and (inner.test.event != "skip").all()
+    assert len(inner.cold_songs) == round(0.1 * plays.groupby("song_id").user_id.nunique().ge(2).sum())
+    assert not inner.cold_songs & set(inner.train.song_id)
+    again = tuning_split(sp, seed=0)
+    assert keys(again.test) == keys(inner.test) and again.cold_songs == inner.cold_songs
+    assert tuning_split(sp, seed=1).cold_songs != inner.cold_songs
