@@ -9,8 +9,9 @@ checked claim by claim against the catalog:
   (`data_prep.examples`: "hip-hop" for `hiphop`, "mid-tempo" for `medium`, "string" for `strings`). A claim is
   true when the candidate song has that value;
 * history claims — a quoted title ("you played "X"") — are true when X is one of the history songs the prompt
-  showed. When a reason names history songs, it presents its attributes as shared with them ("... just like
-  it"), so each attribute claim must then also hold for at least one of the named history songs.
+  showed. A sentence that names history songs presents its attributes as shared with them ("... just like it"),
+  so each attribute claim in it must then also hold for at least one of the songs it names; a sentence that names
+  none ("Unlike that one, this is a calm piano song.") is about the candidate alone.
 
 Text inside quotes is never searched for attributes (a title such as "Dark Horse" is not a mood claim), and the
 longest match wins ("Lady Jazz Parade" is an artist, not the genre jazz). A fact stated twice counts once. Words
@@ -43,6 +44,7 @@ from llmrec.text import Prompt, SongText, build_stage2_prompt, history_title, sa
 
 WORD_RE = re.compile(r"\w+")
 QUOTE_RE = re.compile(r'"([^"\n]{1,200})"|\u201c([^\u201d\n]{1,200})\u201d')
+SENTENCE_END_RE = re.compile(r"[.!?]+(?=\s|$)")
 ATTRIBUTE_KEYS = ("genre", "mood", "instrument", "tempo_class", "mode")  # checked when the data has the column
 TITLE = "history_title"
 # Surface words the example generator uses for a value, next to the value itself.
@@ -60,6 +62,20 @@ def words(text: str) -> list[str]:
 
 def _key(text: str) -> tuple[str, ...]:
     return tuple(words(text))
+
+
+def sentences(text: str) -> list[str]:
+    """`text` cut after each run of . ! ? that ends a sentence (followed by a space or the end), except inside a
+    quoted title ("Mr. Brown. Live")."""
+    quotes = [m.span() for m in QUOTE_RE.finditer(text)]
+    out, start = [], 0
+    for end in SENTENCE_END_RE.finditer(text):
+        if not any(a <= end.start() < b for a, b in quotes):
+            out.append(text[start:end.end()])
+            start = end.end()
+    if text[start:].strip():
+        out.append(text[start:])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ checker
@@ -175,23 +191,26 @@ class ReasonChecker:
         cand = self._facts(candidate)
         hist = [(h, self._facts(h)) for h in history]
         claims: list[Claim] = []
-        anchors: list[SongFacts] = []
-        seen_titles = set()
-        for title in self.quoted(text):
-            key = _key(title)
-            if not key or key in seen_titles:
-                continue
-            seen_titles.add(key)
-            named = [f for _, f in hist if key in f.title_keys]
-            if named:
+        seen_titles, seen_facts = set(), set()
+        for sentence in sentences(text):
+            anchors: list[SongFacts] = []  # the history songs this sentence names
+            for title in self.quoted(sentence):
+                key = _key(title)
+                if not key:
+                    continue
+                named = [f for _, f in hist if key in f.title_keys]
                 anchors += named
-            elif key in cand.title_keys:
-                continue  # names the candidate itself: no claim about the history
-            claims.append(Claim(TITLE, title, f'"{title}"', bool(named)))
-        for kind, value, surface in self.mentions(text):
-            on_cand = value in cand.values.get(kind, ())
-            on_hist = any(value in f.values.get(kind, ()) for f in anchors) if anchors else None
-            claims.append(Claim(kind, value, surface, on_cand and on_hist is not False, on_cand, on_hist))
+                if key in seen_titles or (not named and key in cand.title_keys):
+                    continue  # said before, or names the candidate itself: no new claim about the history
+                seen_titles.add(key)
+                claims.append(Claim(TITLE, title, f'"{title}"', bool(named)))
+            for kind, value, surface in self.mentions(sentence):
+                if (kind, value) in seen_facts:
+                    continue  # a fact stated twice counts once
+                seen_facts.add((kind, value))
+                on_cand = value in cand.values.get(kind, ())
+                on_hist = any(value in f.values.get(kind, ()) for f in anchors) if anchors else None
+                claims.append(Claim(kind, value, surface, on_cand and on_hist is not False, on_cand, on_hist))
         return claims
 
 

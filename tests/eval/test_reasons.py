@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from eval.reasons import Claim, ReasonChecker, distinct_n, is_degenerate, reason_metrics
+from eval.reasons import Claim, ReasonChecker, distinct_n, is_degenerate, reason_metrics, sentences
 
 SONGS = pd.DataFrame({
     "song_id": ["s1", "s2", "s3", "s4", "s5"],
@@ -56,6 +56,29 @@ def test_history_title_claim_and_attributes_shared_with_it(checker):
         ("history_title", "Dark Horse", False)}
     # Quoting the candidate's own title claims nothing about the history.
     assert checker.check('"Golden Harbor" it is.', "s1", ["s2"]) == []
+
+
+def test_a_sentence_naming_no_history_song_is_about_the_candidate_alone(checker):
+    """The shared-attribute scope ends with the sentence: the example generator's second sentence states what only
+    the candidate has."""
+    # s1 is a calm fast piano rock song; "Paper Crown" (s3) is calm, fast and piano but hip-hop.
+    text = 'You recently enjoyed "Paper Crown"; this is a fast piano song as well. Unlike that one, this is a rock song.'
+    claims = {c.kind: c for c in checker.check(text, "s1", ["s3"])}
+    assert (claims["genre"].on_candidate, claims["genre"].on_history, claims["genre"].true) == (True, None, True)
+    assert claims["tempo_class"].on_history is True and claims["instrument"].true
+    # In the first sentence the same word is a claim about "Paper Crown" too, and false there.
+    wrong = {c.kind: c for c in checker.check('Like "Paper Crown", this is a rock song. Enjoy.', "s1", ["s3"])}
+    assert (wrong["genre"].on_candidate, wrong["genre"].on_history, wrong["genre"].true) == (True, False, False)
+    # A fact said in both sentences counts once, with the scope of its first mention.
+    twice = checker.check('Like "Paper Crown", this is a rock song. Unlike that one, this is rock.', "s1", ["s3"])
+    assert [c.kind for c in twice].count("genre") == 1 and not next(c for c in twice if c.kind == "genre").true
+
+
+def test_sentences_are_cut_outside_quoted_titles():
+    assert sentences('You played "Mr. Brown. Live"! Now this. And') == ['You played "Mr. Brown. Live"!', " Now this.",
+                                                                         " And"]
+    assert sentences("No end mark") == ["No end mark"] and sentences("") == []
+    assert sentences("3.5 stars... really?") == ["3.5 stars...", " really?"]
 
 
 def test_reason_without_claims(checker):
