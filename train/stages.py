@@ -203,7 +203,9 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
         batch = collate([reasons[i] for i in lm_sampler.indices(step)])
         batch["media"] = drop_modalities(batch["media"], t.modality_dropout, gen)
         rows = [pairs[i] for i in pair_sampler.indices(step)]
-        songs = [r["song_id"] for r in rows] + ([r["pos_song_id"] for r in rows] if t.colisten_weight else [])
+        # A song nobody else's listener played (pos_song_id None) still has its CF factor, but no co-listen pair.
+        with_pos = [k for k, r in enumerate(rows) if r["pos_song_id"] is not None] if t.colisten_weight else []
+        songs = [r["song_id"] for r in rows] + [rows[k]["pos_song_id"] for k in with_pos]
         song_batch = collate(embedding_rows(prompts, songs))
         song_batch["media"] = drop_modalities(song_batch["media"], t.modality_dropout, gen)
         # One backbone pass for the reasons and the songs (MultimodalLM.loss_and_embed says why it matters).
@@ -211,8 +213,8 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
         emb, pos = emb[:len(rows)], emb[len(rows):]
         cf = torch.tensor([r["cf_factor"] for r in rows], dtype=emb.dtype)
         loss = t.lm_weight * lm_loss + t.cf_weight * info_nce(model.id_head(emb), cf, t.temperature)
-        if t.colisten_weight:
-            loss = loss + t.colisten_weight * info_nce(emb, pos, t.temperature)
+        if len(with_pos) >= 2:  # InfoNCE needs another pair in the batch as a negative
+            loss = loss + t.colisten_weight * info_nce(emb[with_pos], pos, t.temperature)
         return loss
 
     return fit(model, model.parameters(), loss_fn, steps=t.stage2_steps, lr=t.lr, warmup_ratio=t.warmup_ratio,

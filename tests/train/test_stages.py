@@ -91,6 +91,33 @@ def test_rerun_skips_finished_stages(trained):
     assert (run.model / "stage0" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_stage2_trains_when_some_songs_have_no_co_listened_partner(trained, tmp_path):
+    """A song whose listeners played nothing else (pos_song_id None, counted by `llmrec prepare`) keeps its CF
+    alignment row; stage 2 leaves it out of the co-listen loss instead of failing on it."""
+    import json
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    cfg, run, _ = trained
+    other = open_run_dir(tmp_path / "run")
+    for name in ("catalog", "features"):
+        (other.root / name).symlink_to(getattr(run, name), target_is_directory=True)
+    shutil.copytree(run.examples, other.examples)
+    pairs = load_from_disk(str(run.examples / "pairs")).to_list()
+    for k, row in enumerate(pairs):
+        if k % 2:
+            row["pos_song_id"] = None
+    shutil.rmtree(other.examples / "pairs")
+    Dataset.from_list(pairs, features=load_from_disk(str(run.examples / "pairs")).features).save_to_disk(
+        str(other.examples / "pairs"))
+    for stage in ("stage0", "stage1"):
+        shutil.copytree(run.model / stage, other.model / stage)
+    run_train(cfg, other, argparse.Namespace(no_progress=True))
+    losses = json.loads((other.model / "stage2" / "losses.json").read_text())
+    assert len(losses) == cfg.train.stage2_steps and all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_stage2_trains_only_lora_projectors_and_heads(trained):
     cfg, run, _ = trained
     from transformers import AutoTokenizer, LlamaForCausalLM
