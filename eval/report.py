@@ -300,16 +300,20 @@ def rank_users(model: Recommender, train: sp.csr_matrix, users: np.ndarray, widt
 
 
 def validation_metrics(model: Recommender, d: EvalData, valid: sp.csr_matrix, k: int = 20,
-                       candidates: np.ndarray | None = None) -> dict[str, float]:
-    """recall@k, ndcg@k and tail_share@k of `model` (fitted on `d.train`) on the relevance matrix `valid`; NaN
+                       candidates: np.ndarray | None = None) -> dict[str, Any]:
+    """recall@k, ndcg@k and tail_share@k of `model` (fitted on `d.train`) on the relevance matrix `valid`, and
+    under "per_user_ndcg" the per-user NDCG@k (users with a validation play, in row order); NaN and an empty array
     when `valid` is empty."""
     users = np.flatnonzero(np.diff(valid.indptr))
     names = (f"recall@{k}", f"ndcg@{k}", f"tail_share@{k}")
     if users.size == 0:
-        return dict.fromkeys(names, float("nan"))
+        return {**dict.fromkeys(names, float("nan")), "per_user_ndcg": np.zeros(0)}
     topk = rank_users(model, d.train, users, k, [candidates], d.order)[0]
-    res = evaluate_topk(topk, valid, ks=[k], candidates=candidates, is_tail=d.is_tail)
-    return {n: float("nan") if res.get("empty") else float(res[n]) for n in names}
+    res, per_user = evaluate_topk(topk, valid, ks=[k], candidates=candidates, is_tail=d.is_tail,
+                                  return_per_user=True)
+    if res.get("empty"):
+        return {**dict.fromkeys(names, float("nan")), "per_user_ndcg": np.zeros(0)}
+    return {**{n: float(res[n]) for n in names}, "per_user_ndcg": np.asarray(per_user[f"ndcg@{k}"], float)}
 
 
 def validation_recall(model: Recommender, d: EvalData, valid: sp.csr_matrix, k: int = 20,
@@ -412,24 +416,44 @@ def _tune_tail(tuned: Tuned, d: EvalData, als: Recommender, cf: Recommender, con
     """`hybrid-tail`: the hybrid's blend weight, with the popularity penalty and the cold offset that put the most
     long-tail songs into the top 20 of all validation plays while NDCG@20 stays within `ndcg_budget` (a fraction)
     of ALS's: the operating point of the Matthew-effect comparison (tail share vs ALS's at a bounded accuracy
-    loss), tuned on validation like every other knob. The best setting sits at the edge of the budget on
-    validation, so on test it lands near that edge, on either side. When no setting keeps within the budget, the
-    one with the best NDCG is kept."""
-    bound = (1 - ndcg_budget) * validation_metrics(als, d, d.test)["ndcg@20"]
+    loss), tuned on validation like every other knob. When no setting keeps within the budget, the one with the
+    best NDCG is kept.
+
+    "Within the budget" is judged one standard error on the safe side (the one-standard-error rule of model
+    selection, Breiman et al. 1984): the NDCG change vs ALS, paired per validation user, minus its standard error
+    must stay above -budget. The setting with the most tail share sits at the edge of the budget by construction,
+    and a point estimate at the edge slips over it out of sample about half the time (on the synthetic catalog it
+    landed at -8.8% on test with a 5% budget)."""
+    als_ndcg = validation_metrics(als, d, d.test)["per_user_ndcg"]
     hybrid = tuned.params["hybrid"]
 
     def objective(model: Recommender) -> dict:
         m = validation_metrics(model.fit(d.train), d, d.test)
-        ok = m["ndcg@20"] >= bound
+        change, se = paired_relative_change(m["per_user_ndcg"], als_ndcg)
+        ok = change - se >= -ndcg_budget
         # Settings over the budget rank after every one within it, by NDCG (the least bad wins if none is within).
         return {"objective": m["tail_share@20"] + 1.0 if ok else m["ndcg@20"] - 1.0,
                 "valid_recall@20": m["recall@20"], "valid_ndcg@20": m["ndcg@20"],
+                "valid_ndcg@20_change": change, "valid_ndcg@20_change_se": se,
                 "valid_tail_share@20": m["tail_share@20"], "within_ndcg_budget": float(ok)}
 
     grid = [{**hybrid, "cold_offset": b, "pop_penalty": p} for p in POP_PENALTIES for b in COLD_OFFSETS]
     _search("hybrid-tail", grid, lambda p: Hybrid(cf, content, d.warm, p["weight"], p["cold_offset"],
                                                   p["pop_penalty"], d.item_pop), objective, tuned)
     tuned.params["hybrid-tail"]["ndcg_budget"] = ndcg_budget
+
+
+def paired_relative_change(model: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean per-user change of `model` vs `reference` (same users, same order) relative to the reference's mean,
+    and its standard error; (nan, nan) without users or with a zero reference."""
+    model, reference = np.asarray(model, float), np.asarray(reference, float)
+    if model.shape != reference.shape:
+        raise ValueError(f"paired_relative_change: {model.shape} vs {reference.shape} users")
+    base = reference.mean() if reference.size else 0.0
+    if reference.size < 2 or base <= 0:
+        return float("nan"), float("nan")
+    diff = (model - reference) / base
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
 
 
 def _als(params: dict, seed: int) -> ALS:
@@ -744,7 +768,8 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
         out += [f"`hybrid` is tuned for recall on validation. `hybrid-tail` is the same blend tuned for long-tail "
                 f"exposure: the most tail songs in the validation top 20 while NDCG@20 stays within "
                 f"{tail['ndcg_budget']:.0%} of ALS's (popularity penalty {tail['pop_penalty']}, cold offset "
-                f"{tail['cold_offset']}). It keeps within the budget on validation where any setting does; the test "
+                f"{tail['cold_offset']}). Within the budget means one standard error on the safe side (the paired NDCG "
+                "change vs ALS over validation users, minus its standard error, stays above the budget); the test "
                 "figures above say whether it held out of sample.", ""]
     out += ["## Headline: recall@20 with 95% bootstrap CIs (users resampled)", ""]
     for name, h in report["headline"].items():

@@ -197,7 +197,8 @@ class EvalConfig:
     # `history` = cosine to the mean of the user's history embeddings (catalogue mean removed).
     user_tower: str = "cf"
     # `hybrid-tail`: the hybrid tuned (popularity penalty + cold offset) for the most long-tail songs in its
-    # validation top 20 while its NDCG@20 stays within this fraction of ALS's (eval/report.py `_tune_tail`).
+    # validation top 20 while its NDCG@20 stays within this fraction of ALS's, one standard error on the safe side
+    # (eval/report.py `_tune_tail`).
     tail_ndcg_budget: float = 0.05
     # Reason quality (eval/reasons.py): held-out plays explained by the bundle and checked against the catalog;
     # 64 generate in ~2 s on CPU (16 were too few to tell two models apart); 0 turns generation off.

@@ -301,9 +301,23 @@ def test_hybrid_tail_takes_the_most_tail_within_the_ndcg_budget(tmp_path, synthe
     assert len(log) == len(rep.POP_PENALTIES) * len(rep.COLD_OFFSETS)
     within = [r for r in log if r["within_ndcg_budget"]]
     assert within, "no setting kept within the NDCG budget on this fixture"
+    # within = the paired NDCG change vs ALS stays within the budget one standard error on the safe side
+    budget = eval_cfg.eval.tail_ndcg_budget
+    for r in log:
+        assert bool(r["within_ndcg_budget"]) == (r["valid_ndcg@20_change"] - r["valid_ndcg@20_change_se"] >= -budget)
     best = max(within, key=lambda r: r["valid_tail_share@20"])
     assert (chosen["pop_penalty"], chosen["cold_offset"]) == (best["pop_penalty"], best["cold_offset"])
     assert {"hybrid", "hybrid-tail"} <= set(report["results"]["all"])
+
+
+def test_paired_relative_change_against_hand_computed_values():
+    # reference mean 0.5; per-user differences / 0.5 = [0.2, -0.2, 0.6] -> mean 0.2, sd 0.4, se 0.4 / sqrt(3)
+    change, se = rep.paired_relative_change([0.6, 0.2, 1.0], [0.5, 0.3, 0.7])
+    assert change == pytest.approx(0.2) and se == pytest.approx(0.4 / np.sqrt(3))
+    assert all(np.isnan(rep.paired_relative_change([0.1], [0.2])))  # one user: no standard error
+    assert all(np.isnan(rep.paired_relative_change([0.1, 0.2], [0.0, 0.0])))
+    with pytest.raises(ValueError):
+        rep.paired_relative_change([0.1, 0.2], [0.1])
 
 
 def test_ties_are_broken_in_a_fixed_random_order_not_by_catalogue_index():
