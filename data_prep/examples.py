@@ -3,7 +3,7 @@
 ```
 examples/stage1/   {song_id, prompt, answer, audio_song_ids, cover_song_ids}          one caption per song
 examples/stage2/   {user_id, song_id, timestamp, history_song_ids, history_timestamps, prompt, answer,
-                    shared_attributes, own_attributes, audio_song_ids, cover_song_ids} recommendation reasons
+                    shared_attributes, audio_song_ids, cover_song_ids}                 recommendation reasons
 examples/pairs/    {song_id, cf_factor, pos_song_id}                                  CF alignment + co-listening
 examples/meta.json counts, skips, sanitiser stats, the split, the prompt/example config
 ```
@@ -17,9 +17,7 @@ play at/after the split time, or released at/after it), so the cold-start slice 
 Answers are grounded: on the synthetic catalog they come from the ground truth in `song_attributes.parquet` (audio
 attributes only when the song has audio, mood only when it has a cover); on real catalogs from genres and the
 artist only. A stage-2 reason names only attributes the candidate really shares with a history song that the
-prompt shows (and names that song by title); `shared_attributes` lists exactly those claims, as `key=value`. A
-second sentence states audio/cover attributes only the candidate has (`own_attributes`), so that a model cannot
-earn the reason by copying the history song's attributes.
+prompt shows (and names that song by title); `shared_attributes` lists exactly those claims, as `key=value`.
 """
 from __future__ import annotations
 
@@ -43,12 +41,6 @@ from llmrec.text import SongText, build_stage1_prompt, build_stage2_prompt, hist
 # modality a model needs to perceive each one (a claim about audio needs audio on both songs).
 REASON_KEYS = ("genre", "instrument", "tempo_class", "mood", "artist")
 MAX_CLAIMS = 3
-# Audio/cover attributes a reason also states when only the candidate has them (`reason`), in a sentence that names
-# no history song (the eval's checker reads such a sentence as a claim about the candidate alone).
-OWN_KEYS = ("mood", "instrument", "tempo_class")
-MAX_OWN_CLAIMS = 2
-OWN_TEMPLATES = {False: ("Unlike that one, this is {d}.", "Where it differs: this is {d}."),
-                 True: ("Unlike those, this is {d}.", "Where it differs: this is {d}.")}
 NEEDS = {"tempo_class": "audio", "instrument": "audio", "mode": "audio", "mood": "cover"}
 TEMPO_WORDS = {"slow": "slow", "medium": "mid-tempo", "fast": "fast"}
 INSTRUMENT_WORDS = {"strings": "string"}
@@ -126,16 +118,13 @@ def caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
 
 
 def reason(candidate: dict[str, str], history: list[tuple[str, dict[str, str]]],
-           rng: np.random.Generator) -> tuple[str, list[str], list[str]]:
-    """A stage-2 answer, the claims it presents as shared and the claims about the candidate alone (`key=value`).
-    `history` is [(title as shown, visible attributes)] most recent first.
+           rng: np.random.Generator) -> tuple[str, list[str]]:
+    """A stage-2 answer and its claims. `history` is [(title as shown, visible attributes)] most recent first.
 
     The anchor is the history song sharing the most reason attributes with the candidate (ties: most recent); the
     reason names the anchor and at most three attributes it shares. "You keep coming back to" is only said when at
-    least two shown history songs share all the named attributes. A second sentence, naming no history song, then
-    states up to two audio/cover attributes (`OWN_KEYS`) in which the candidate differs from every history song the
-    first one refers to. With nothing shared, the reason describes the candidate's own attributes and claims
-    nothing about the history (those claims are not listed: the stage-1 captions ground them)."""
+    least two shown history songs share all the named attributes. With nothing shared, the reason describes the
+    candidate's own attributes and claims nothing about the history."""
     best: tuple[int, str, list[str]] | None = None
     for title, attrs in history:
         shared = [k for k in REASON_KEYS if k in candidate and attrs.get(k) == candidate[k]]
@@ -146,11 +135,10 @@ def reason(candidate: dict[str, str], history: list[tuple[str, dict[str, str]]],
         text = str(rng.choice(["Something different from your recent plays: {d}.",
                                "To widen your mix, here is {d}.",
                                "A fresh pick outside your usual listening: {d}."])).format(d=own)
-        return text, [], []
+        return text, []
     _, title, shared = best
     claims = shared[:MAX_CLAIMS]
-    referred = [a for _, a in history if all(a.get(k) == candidate[k] for k in claims)]
-    n_match = len(referred)
+    n_match = sum(all(a.get(k) == candidate[k] for k in claims) for _, a in history)
     plural, singular = describe(candidate, claims, plural=True), describe(candidate, claims)
     if n_match >= 2:
         templates = ['Recommended because you keep coming back to {p} like "{t}", and this is {s} too.',
@@ -161,15 +149,7 @@ def reason(candidate: dict[str, str], history: list[tuple[str, dict[str, str]]],
                      'You recently enjoyed "{t}"; this is {s} as well.',
                      'Like "{t}" from your recent plays, this is {s}.']
     text = str(rng.choice(templates)).format(p=plural, s=singular, t=title)
-    # What only the candidate has: media attributes it states where every history song the reason refers to has
-    # another value. Without this clause every claim is shared, and copying the history song's attributes costs a
-    # model nothing (it did exactly that: mood claims were true of the named history song 0.88 of the time, of
-    # the candidate 0.31); stating the candidate's own look and sound makes it read the candidate's media.
-    own = [k for k in OWN_KEYS if k in candidate and k not in claims
-           and all(a.get(k) not in (None, candidate[k]) for a in referred)][:MAX_OWN_CLAIMS]
-    if own:
-        text += " " + str(rng.choice(OWN_TEMPLATES[n_match >= 2])).format(d=describe(candidate, own))
-    return text, [f"{k}={candidate[k]}" for k in claims], [f"{k}={candidate[k]}" for k in own]
+    return text, [f"{k}={candidate[k]}" for k in claims]
 
 
 # --------------------------------------------------------------------------------------------------- builders
@@ -264,11 +244,11 @@ def build_stage2(songs: dict[str, SongText], plays: pd.DataFrame, attrs: dict[st
             shown = prompt.history_song_ids
             when = dict(hist)
             shown_attrs = [(history_title(songs[h], cfg.prompt), _visible(attrs[h], songs[h])) for h in shown]
-            answer, shared, own = reason(_visible(attrs[sid], cand), shown_attrs, rng)
+            answer, shared = reason(_visible(attrs[sid], cand), shown_attrs, rng)
             rows.append({
                 "user_id": str(user), "song_id": sid, "timestamp": _iso(ts),
                 "history_song_ids": shown, "history_timestamps": [_iso(when[h]) for h in shown],
-                "prompt": prompt.text, "answer": answer, "shared_attributes": shared, "own_attributes": own,
+                "prompt": prompt.text, "answer": answer, "shared_attributes": shared,
                 "audio_song_ids": prompt.audio_song_ids, "cover_song_ids": prompt.cover_song_ids,
             })
     return rows
@@ -370,7 +350,6 @@ def _features():
         "stage2": Features({"user_id": Value("string"), "song_id": Value("string"), "timestamp": Value("string"),
                             "history_song_ids": strings, "history_timestamps": strings,
                             "prompt": Value("string"), "answer": Value("string"), "shared_attributes": strings,
-                            "own_attributes": strings,
                             "audio_song_ids": strings, "cover_song_ids": strings}),
         "pairs": Features({"song_id": Value("string"), "cf_factor": List(Value("float32")),
                            "pos_song_id": Value("string")}),
