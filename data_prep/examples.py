@@ -11,8 +11,9 @@ examples/meta.json counts, skips, sanitiser stats, the split, the prompt/example
 Leakage rule: everything built from interactions — stage-2 histories and candidates, ALS factors, co-listened
 positives — comes from the TRAIN part of `llmrec.split.split_catalog` (the split eval uses), positives only
 (`skip` events are not plays), minus the validation plays eval tunes on (`llmrec.split.tuning_split`; keep them
-with `examples.hold_out_tuning_plays: false`, e.g. for a final production model that is not tuned afterwards). Stage-1 captions use song content only, and by default leave out cold songs (first
-play at/after the split time, or released at/after it), so the cold-start slice stays unseen.
+with `examples.hold_out_tuning_plays: false`, e.g. for a final production model that is not tuned afterwards).
+Stage-1 captions use song content only, and by default leave out cold songs (first play at/after the split time, or
+released at/after it), so the cold-start slice stays unseen.
 
 Answers are grounded: on the synthetic catalog they come from the ground truth in `song_attributes.parquet` (audio
 attributes only when the song has audio, mood only when it has a cover); on real catalogs from genres and the
