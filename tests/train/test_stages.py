@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 
 import pytest
 import torch
+from datasets import Dataset, load_from_disk
 from safetensors import safe_open
 
 from data_prep.extract import run_features
@@ -94,11 +97,6 @@ def test_rerun_skips_finished_stages(trained):
 def test_stage2_trains_when_some_songs_have_no_co_listened_partner(trained, tmp_path):
     """A song whose listeners played nothing else (pos_song_id None, counted by `llmrec prepare`) keeps its CF
     alignment row; stage 2 leaves it out of the co-listen loss instead of failing on it."""
-    import json
-    import shutil
-
-    from datasets import Dataset, load_from_disk
-
     cfg, run, _ = trained
     other = open_run_dir(tmp_path / "run")
     for name in ("catalog", "features"):
