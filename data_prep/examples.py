@@ -161,9 +161,9 @@ def _iso(ts: Any) -> str:
 
 def training_plays(split: Split, cfg: Config) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The plays stage-2 examples and CF pairs are built from, and what was held out of them for tuning
-    (`tuning_holdout` in meta.json, which eval checks)."""
+    (`tuning_holdout` in meta.json, which eval checks). Skips are dropped later, by `_positives`."""
     if not cfg.examples.hold_out_tuning_plays:
-        return positive_plays(split.train), {"held_out": False}
+        return split.train, {"held_out": False}
     inner = tuning_split(split, cfg.seed)
     return inner.train, {"held_out": True, "seed": cfg.seed, "plays": len(inner.test),
                          "songs": len(inner.cold_songs)}
