@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from eval.ablation import ablation_markdown, modality_ablation, plot_ablation
 from eval.baselines import ALS, BPR, ContentKNN, ItemKNN, MostPop, RandomRec, Recommender, RidgeContentToCF
+from eval.rawfeatures import raw_feature_vectors
 from eval.metrics import bootstrap_ci, evaluate_topk, topk_from_scores
 from eval.reasons import evaluate_reasons
 from llmrec.config import Config
@@ -45,10 +46,10 @@ from llmrec.io import MissingArtefactError, RunDir, atomic_path, atomic_write_js
 from llmrec.schema import Catalog, load_catalog
 from llmrec.split import Split, positive_plays as positives, split_catalog, tuning_split
 
-SLICES = ("all", "warm", "cold")
+SLICES = ("all", "warm", "warm-known", "cold")
 CF_MODELS = ("mostpop", "itemknn", "als", "bpr")  # "best CF" in the headline is the best of these per slice
 HEADLINE = "recall@20"
-TAIL_SHARE = 0.8  # tail = songs outside the top 20% by training plays
+TAIL_SHARE = 0.8  # tail = known songs (training plays) outside the top 20% of them by training plays
 N_POP_BUCKETS = 5
 SCORE_BATCH_CELLS = 1 << 24  # users scored at once x catalogue size: bounds the dense score block (~64 MB)
 LLMREC_NOT_TRAINED = "llmrec: not trained yet (run `llmrec train`)"
@@ -74,6 +75,8 @@ DEFAULTS = {"itemknn": {"k": 100, "shrink": 10.0}, "als": {"factors": 64, "regul
             "text2cf": {"alpha": 10.0}, "llmrec": {"alpha": 10.0},
             "hybrid": {"weight": 0.5, "cold_offset": 0.0, "cf": "als"}}
 USER_TOWERS = ("cf", "history")
+# content model -> the hybrid that blends it with CF (both tuned and built the same way: `tune`, `build_models`)
+HYBRID_OF = {"llmrec": "hybrid", "mm2cf": "mm2cf-hybrid"}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -92,10 +95,15 @@ class EvalData:
     is_tail: np.ndarray
     order: np.ndarray  # tie-breaking order of the songs (tie_order)
     repeats_dropped: int = 0
+    # bool per song: the split's new songs (`Split.cold_songs`); None = every song without train plays
+    new: np.ndarray | None = None
 
     @property
     def cold(self) -> np.ndarray:
-        return ~self.warm
+        """The cold slice's songs: exactly the split's new songs where the split names them. A back-catalogue song
+        nobody played is not a new song, and counting it as a cold candidate (66 instead of the demo's 60 new
+        songs) made the cold slice a different task from the one the README describes."""
+        return ~self.warm if self.new is None else self.new & ~self.warm
 
 
 def _csr(df: pd.DataFrame, users: pd.Index, songs: pd.Index) -> sp.csr_matrix:
@@ -107,7 +115,9 @@ def _csr(df: pd.DataFrame, users: pd.Index, songs: pd.Index) -> sp.csr_matrix:
     return m
 
 
-def build_data(catalog: Catalog, train_df: pd.DataFrame, test_df: pd.DataFrame, seed: int = 0) -> EvalData:
+def build_data(catalog: Catalog, train_df: pd.DataFrame, test_df: pd.DataFrame, seed: int = 0,
+               new_songs: frozenset[str] | None = None) -> EvalData:
+    """Matrices of one split; `new_songs` (the split's cold songs) fixes the cold slice's candidates."""
     songs = pd.Index(catalog.songs["song_id"].astype(str))
     users = pd.Index(pd.unique(pd.concat([catalog.users["user_id"], catalog.interactions["user_id"]]).astype(str)))
     train, test = _csr(train_df, users, songs), _csr(test_df, users, songs)
@@ -115,27 +125,36 @@ def build_data(catalog: Catalog, train_df: pd.DataFrame, test_df: pd.DataFrame, 
     test = (test - overlap).tocsr()
     test.eliminate_zeros()
     item_pop = np.bincount(train.indices, minlength=len(songs)).astype(np.float64)
+    new = None if new_songs is None else songs.isin(list(new_songs))
     return EvalData(songs.to_numpy(), users.to_numpy(), train, test, item_pop > 0, item_pop,
-                    tail_mask(item_pop), tie_order(len(songs), seed), int(overlap.nnz))
+                    tail_mask(item_pop), tie_order(len(songs), seed), int(overlap.nnz), new)
 
 
 def tail_mask(item_pop: np.ndarray, head_share: float = 1 - TAIL_SHARE) -> np.ndarray:
-    """True for songs outside the top `head_share` by training plays (ties broken by index, like the rankers)."""
-    n_head = int(np.ceil(head_share * item_pop.size))
-    order = np.argsort(-item_pop, kind="stable")
-    tail = np.ones(item_pop.size, dtype=bool)
-    tail[order[:n_head]] = False
+    """True for known songs (with training plays) outside the top `head_share` of them by training plays (ties
+    broken by index, like the rankers). Songs without plays are never tail: new songs reaching a list are counted
+    by `new_share@k`, and counting them as tail let a model that promotes new songs claim a long-tail gain it
+    does not have on known songs."""
+    known = np.flatnonzero(item_pop > 0)
+    n_head = int(np.ceil(head_share * known.size))
+    order = known[np.argsort(-item_pop[known], kind="stable")]
+    tail = np.zeros(item_pop.size, dtype=bool)
+    tail[order[n_head:]] = True
     return tail
 
 
 def slice_test(data: EvalData, name: str) -> tuple[sp.csr_matrix, np.ndarray | None]:
-    """(relevance matrix, candidate mask or None = whole catalogue) of one slice."""
+    """(relevance matrix, candidate mask or None = whole catalogue) of one slice.
+
+    `warm` ranks known songs' test plays among the whole catalogue (new songs take slots and miss); `warm-known`
+    ranks the same plays among known songs only, which answers "does it rank known songs better" apart from
+    "do new songs take slots"."""
     if name == "all":
         return data.test, None
-    keep = data.warm if name == "warm" else data.cold
+    keep = data.cold if name == "cold" else data.warm
     test = (data.test @ sp.diags(keep.astype(np.float32))).tocsr()
     test.eliminate_zeros()
-    return test, (data.cold if name == "cold" else None)
+    return test, {"cold": data.cold, "warm-known": data.warm}.get(name)
 
 
 # ------------------------------------------------------------------------------------------------ vectors
@@ -354,13 +373,16 @@ def _search(name: str, grid: list[dict], make: Callable[[dict], Recommender],
 
 
 def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | None, seed: int,
-         progress: bool, user_tower: str = "cf", tail_ndcg_budget: float = 0.05) -> Tuned:
+         progress: bool, user_tower: str = "cf", tail_ndcg_budget: float = 0.05, raw: np.ndarray | None = None
+         ) -> Tuned:
     """Grid-search on `inner` (`llmrec.split.tuning_split`: an item hold-out of the training part, which llmrec's
     training examples leave out too) the CF hyperparameters on warm validation recall@20, then the ridge strengths
     of text2cf and llmrec's CF tower on cold validation songs, the hybrid's blend weight (warm validation) and
     cold offset (all validation), and hybrid-tail's popularity penalty and cold offset (`_tune_tail`). The test
-    part is never touched. Without llmrec embeddings there is no hybrid to tune, and no hybrid-tail."""
-    d = build_data(catalog, inner.train, inner.test, seed)
+    part is never touched. Without llmrec embeddings there is no hybrid to tune, and no hybrid-tail. `raw` (the
+    no-LLM bar, `eval.rawfeatures`) is tuned exactly as llmrec is: its ridge strength, then `mm2cf-hybrid`'s blend
+    weight and cold offset."""
+    d = build_data(catalog, inner.train, inner.test, seed, inner.cold_songs)
     tuned = Tuned(how=f"grid search on an item hold-out of the training part ({len(inner.train)} fit / "
                       f"{len(inner.test)} validation interactions), validation recall@20", progress=progress)
     warm_valid, _ = slice_test(d, "warm")
@@ -381,28 +403,34 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
 
     _search("text2cf", [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: RidgeContentToCF(text, als, fit_cf=False, **p),
             cold_score, tuned)
-    if llm is not None:
-        _search("llmrec", [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: llmrec_model(llm, "cf", als, p["alpha"]),
-                cold_score, tuned)
-        # The hybrid blends llmrec with the CF model that validates best on warm songs (not always ALS: ItemKNN
+    if llm is not None or raw is not None:
+        # The hybrid blends content with the CF model that validates best on warm songs (not always ALS: ItemKNN
         # wins on the synthetic catalog), so that it is compared with the strongest CF partner available.
         cf_name = max(("itemknn", "als", "bpr"), key=lambda m: max(r["valid_recall@20"] for r in tuned.log[m]))
         cf = {"itemknn": lambda: ItemKNN(**tuned.params["itemknn"]), "als": lambda: als,
               "bpr": lambda: _bpr(tuned.params["bpr"], seed)}[cf_name]().fit(d.train)
-        content = llmrec_model(llm, user_tower, als, tuned.params["llmrec"]["alpha"]).fit(d.train)
+        users = np.flatnonzero(np.diff(d.test.indptr))
+        cf = CachedScores(cf, users, d.train)
+    for name, vectors, tower in (("llmrec", llm, user_tower), ("mm2cf", raw, user_tower)):
+        if vectors is None:
+            continue
+        _search(name, [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: llmrec_model(vectors, "cf", als, p["alpha"]),
+                cold_score, tuned)
+        content = CachedScores(llmrec_model(vectors, tower, als, tuned.params[name]["alpha"]).fit(d.train),
+                               users, d.train)
+        hybrid = HYBRID_OF[name]
         # Two knobs, two questions: the blend weight by how well known songs are ranked among known songs (warm
         # validation plays, warm candidates), then the cold offset by the one ranking of everything (all
         # validation plays, whole catalogue).
-        users = np.flatnonzero(np.diff(d.test.indptr))
-        cf, content = CachedScores(cf, users, d.train), CachedScores(content, users, d.train)
-        weight, _ = _search("hybrid", [{"weight": w, "cold_offset": 0.0, "cf": cf_name} for w in BLEND_WEIGHTS],
+        weight, _ = _search(hybrid, [{"weight": w, "cold_offset": 0.0, "cf": cf_name} for w in BLEND_WEIGHTS],
                             lambda p: Hybrid(cf, content, d.warm, p["weight"]),
                             lambda m: validation_recall(m.fit(d.train), d, warm_valid, candidates=d.warm), tuned,
-                            log_name="hybrid-weight")
-        _search("hybrid", [{**weight, "cold_offset": b} for b in COLD_OFFSETS],
+                            log_name=f"{hybrid}-weight")
+        _search(hybrid, [{**weight, "cold_offset": b} for b in COLD_OFFSETS],
                 lambda p: Hybrid(cf, content, d.warm, p["weight"], p["cold_offset"]),
                 lambda m: validation_recall(m.fit(d.train), d, d.test), tuned)
-        _tune_tail(tuned, d, als, cf, content, tail_ndcg_budget)
+        if name == "llmrec":
+            _tune_tail(tuned, d, als, cf, content, tail_ndcg_budget)
     if progress:
         for name, params in tuned.params.items():
             chosen = next((r for r in tuned.log[name] if all(r.get(k, v) == v for k, v in params.items())), {})
@@ -464,8 +492,10 @@ def _bpr(params: dict, seed: int) -> BPR:
     return BPR(**params, random_state=seed)
 
 
-def default_params(llm: bool) -> Tuned:
+def default_params(llm: bool, raw: bool = False) -> Tuned:
     params = {k: dict(v) for k, v in DEFAULTS.items() if llm or k not in ("hybrid", "llmrec")}
+    if raw:
+        params["mm2cf"], params["mm2cf-hybrid"] = dict(DEFAULTS["llmrec"]), dict(DEFAULTS["hybrid"])
     return Tuned(params=params)
 
 
@@ -491,10 +521,12 @@ def check_user_tower(user_tower: str) -> None:
 
 
 def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm: dict[str, np.ndarray],
-                 seed: int, user_tower: str = "cf") -> dict[str, Recommender]:
+                 seed: int, user_tower: str = "cf", raw: np.ndarray | None = None) -> dict[str, Recommender]:
     """Every model, fitted on the training part. `llm` maps a model name (`llmrec`, `llmrec-<variant>`) to its
     aligned song vectors; empty before training. `llmrec` and its modality variants use `user_tower`; the full
-    embeddings are also scored with the other tower, as `llmrec-<other tower>`."""
+    embeddings are also scored with the other tower, as `llmrec-<other tower>`. `raw` (the features llmrec is
+    given, without the LLM: `eval.rawfeatures`) becomes `mm2cf`, scored exactly like `llmrec`, and
+    `mm2cf-hybrid`, blended exactly like `hybrid`."""
     x = data.train
     models: dict[str, Recommender] = {
         "random": RandomRec(seed=seed).fit(x),
@@ -512,10 +544,13 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
         for other in USER_TOWERS:
             if other != user_tower:
                 models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha).fit(x)
-    for name in ("hybrid", "hybrid-tail"):
-        if "llmrec" in models and name in params:
+    if raw is not None:
+        models["mm2cf"] = llmrec_model(raw, user_tower, models["als"],
+                                       params.get("mm2cf", DEFAULTS["llmrec"])["alpha"]).fit(x)
+    for name, content in (("hybrid", "llmrec"), ("hybrid-tail", "llmrec"), ("mm2cf-hybrid", "mm2cf")):
+        if content in models and name in params:
             blend = params[name]
-            models[name] = Hybrid(models[blend.get("cf", "als")], models["llmrec"], data.warm, blend["weight"],
+            models[name] = Hybrid(models[blend.get("cf", "als")], models[content], data.warm, blend["weight"],
                                   blend.get("cold_offset", 0.0), blend.get("pop_penalty", 0.0),
                                   data.item_pop).fit(x)
     return models
@@ -530,16 +565,18 @@ def evaluate_models(models: dict[str, Recommender], data: EvalData, ks: list[int
     per_user: dict[str, dict[str, np.ndarray]] = {name: {} for name in SLICES}
     for model_name, model in models.items():
         t0 = time.perf_counter()
-        whole, cold = rank_users(model, data.train, users, max(ks), [None, data.cold], data.order)
+        lists = dict(zip(SLICES, rank_users(model, data.train, users, max(ks),
+                                            [slices[name][1] for name in SLICES], data.order)))
         for slice_name, (test, cand) in slices.items():
             if test.nnz == 0:
                 results[slice_name][model_name] = {"empty": True, "n_users": 0, "n_users_skipped": test.shape[0]}
                 continue
-            res, pu = evaluate_topk(cold if slice_name == "cold" else whole, test, ks=ks, candidates=cand,
-                                    is_tail=None if slice_name == "cold" else data.is_tail,
-                                    item_pop=None if slice_name == "cold" else data.item_pop,
+            whole_catalogue = cand is None
+            res, pu = evaluate_topk(lists[slice_name], test, ks=ks, candidates=cand,
+                                    is_tail=data.is_tail if slice_name != "cold" else None,
+                                    item_pop=data.item_pop if slice_name != "cold" else None,
                                     n_pop_buckets=N_POP_BUCKETS, return_per_user=True,
-                                    is_new=None if slice_name == "cold" or not data.cold.any() else data.cold)
+                                    is_new=data.cold if whole_catalogue and data.cold.any() else None)
             results[slice_name][model_name] = res
             per_user[slice_name][model_name] = pu[HEADLINE]
         if progress:
@@ -563,10 +600,12 @@ def headline(results: dict, per_user: dict, n_boot: int, seed: int) -> dict[str,
             continue
         pu = per_user[slice_name]
         entry: dict[str, Any] = {"metric": HEADLINE, "best_cf": cf, "models": {}, "differences": {}}
-        for m in (cf, "text", "llmrec", "hybrid"):
+        for m in (cf, "text", "mm2cf", "llmrec", "mm2cf-hybrid", "hybrid"):
             if m in pu:
                 entry["models"][m] = bootstrap_ci(pu[m], n=n_boot, seed=seed)
-        for a, b in (("text", cf), ("llmrec", cf), ("hybrid", cf), ("llmrec", "text")):
+        # llmrec - mm2cf and hybrid - mm2cf-hybrid are what the LLM adds over the same features without it.
+        for a, b in (("text", cf), ("llmrec", cf), ("hybrid", cf), ("llmrec", "text"), ("llmrec", "mm2cf"),
+                     ("hybrid", "mm2cf-hybrid")):
             if a in pu and b in pu:
                 entry["differences"][f"{a} - {b}"] = bootstrap_ci(pu[a], pu[b], n=n_boot, seed=seed)
         out[slice_name] = entry
@@ -604,7 +643,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
     # The validation window (if any) is training data for the final models; tuning carves its own hold-out.
     train_df = positives(pd.concat([split.train, split.valid], ignore_index=True))
-    data = build_data(catalog, train_df, positives(split.test), cfg.seed)
+    data = build_data(catalog, train_df, positives(split.test), cfg.seed, split.cold_songs)
     ks = sorted(set(cfg.eval.ks) | {20})
     notes = dataset_notes(catalog, cfg, split)
     text_ids, text_vecs, text_source = text_item_vectors(cfg, run, catalog, progress)
@@ -612,15 +651,17 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     if missing_text:
         notes.append(f"text: {missing_text} catalogue songs have no text features (they score 0)")
     llm = load_llm_vectors(run, data.song_ids, notes)
+    raw, raw_source = raw_feature_vectors(run, data.song_ids, text)
+    notes.append(f"mm2cf (the no-LLM bar): {raw_source}")
     t_tune = time.perf_counter()
     check_user_tower(cfg.eval.user_tower)  # before minutes of tuning
     if cfg.eval.tune and "llmrec" in llm:
         notes.extend(tuning_holdout_notes(run, cfg))
     tuned = (tune(catalog, tuning_split(split, cfg.seed), text, llm.get("llmrec"), cfg.seed, progress,
-                  cfg.eval.user_tower, cfg.eval.tail_ndcg_budget)
-             if cfg.eval.tune else default_params("llmrec" in llm))
+                  cfg.eval.user_tower, cfg.eval.tail_ndcg_budget, raw)
+             if cfg.eval.tune else default_params("llmrec" in llm, raw is not None))
     t_fit = time.perf_counter()
-    models = build_models(data, tuned.params, text, llm, cfg.seed, cfg.eval.user_tower)
+    models = build_models(data, tuned.params, text, llm, cfg.seed, cfg.eval.user_tower, raw)
     results, per_user = evaluate_models(models, data, ks, progress)
     t_reasons = time.perf_counter()
     reasons = evaluate_reasons(cfg, run, catalog, train_df, positives(split.test), progress)
@@ -708,7 +749,9 @@ NO_BEST = ("new_share@",)  # how many new songs a ranking shows is a trade-off (
 
 def table_columns(ks: list[int], slice_name: str) -> list[str]:
     cols = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["hr@20", "mrr", "coverage@20", "gini@20"]
-    return cols + ([] if slice_name == "cold" else ["tail_share@20", "new_share@20"])
+    if slice_name == "cold":
+        return cols
+    return cols + ["tail_share@20"] + (["new_share@20"] if slice_name in ("all", "warm") else [])
 
 
 def _best_per_column(rows: dict[str, dict], cols: list[str]) -> dict[str, float]:
@@ -748,7 +791,8 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     out += ["", f"Split: `{sp_['kind']}` (split time {sp_['split_time']}); train {sp_['train']} / valid "
                 f"{sp_['valid']} / test {sp_['test']} interactions; {sp_['warm_songs']} warm and {sp_['cold_songs']} "
                 f"cold {report['item_kind']}s; {sp_['repeat_test_pairs_dropped']} test pairs already in train dropped.",
-            "Full-catalogue ranking, seen items masked; the cold slice ranks among cold items only. "
+            "Full-catalogue ranking, seen items masked; `warm-known` ranks the warm test plays among known songs "
+            "only, and the cold slice ranks among the split's new items only. "
             f"Text features: {report['text_features']}.", ""]
     for name in SLICES:
         info = sp_["slices"][name]
@@ -760,7 +804,8 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
             continue
         out += markdown_table(report["results"][name], table_columns(report["ks"], name)) + [""]
     out += ["Bold: best per column (lowest for gini; random is left out of coverage/gini/tail share). "
-            "tail_share@20: share of the top-20 slots holding songs outside the top 20% by training plays. "
+            "tail_share@20: share of the top-20 slots holding known songs outside the top 20% of known songs by "
+            "training plays (new songs are never tail; they are counted by new_share@20). "
             "new_share@20: share holding new songs (no training plays), not bolded: on `warm` every such slot is "
             "one a known song could have hit, on `all` it is what lets new songs be found.", ""]
     tail = report["hyperparameters"].get("hybrid-tail")

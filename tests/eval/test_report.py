@@ -19,7 +19,7 @@ from llmrec.schema import Catalog, save_catalog
 from llmrec.split import item_holdout_split, split_catalog, tuning_split
 
 QUIET = argparse.Namespace(no_progress=True)
-CF_AND_CONTENT = ["random", "mostpop", "itemknn", "als", "bpr", "text", "text2cf"]
+CF_AND_CONTENT = ["random", "mostpop", "itemknn", "als", "bpr", "text", "text2cf", "mm2cf", "mm2cf-hybrid"]
 
 
 def one_hot_vectors(songs: pd.DataFrame, attrs: pd.DataFrame, columns: list[str], noise: float, seed: int
@@ -69,7 +69,7 @@ def test_report_json_follows_the_contract(evaluated):
     run, out, report = evaluated
     assert {"dataset", "split", "results", "hyperparameters", "notes"} <= set(report)
     assert report["dataset"] == "synthetic" and out["report"] == str(run.eval / "report.json")
-    assert set(report["results"]) == {"all", "warm", "cold"}
+    assert set(report["results"]) == {"all", "warm", "warm-known", "cold"}
     assert report["models"] == CF_AND_CONTENT
     for slice_name, rows in report["results"].items():
         assert set(rows) == set(CF_AND_CONTENT), slice_name
@@ -84,6 +84,15 @@ def test_report_json_follows_the_contract(evaluated):
     # The cold slice ranks among cold songs only: its candidate count is the number of cold songs.
     assert report["split"]["slices"]["cold"]["candidates"] == report["results"]["cold"]["als"]["n_candidates"] < 144
     assert report["split"]["kind"] == "temporal" and report["split"]["cold_songs"] > 0
+    # cold candidates are exactly the split's new songs, not every song without training plays
+    assert report["split"]["slices"]["cold"]["candidates"] == report["split"]["cold_songs"]
+    # warm-known: the warm test plays, ranked among known songs only (no new song can take a slot)
+    assert report["split"]["slices"]["warm-known"]["test_pairs"] == report["split"]["slices"]["warm"]["test_pairs"]
+    assert report["split"]["slices"]["warm-known"]["candidates"] == report["split"]["warm_songs"]
+    assert "new_share@20" not in report["results"]["warm-known"]["als"]
+    for model in CF_AND_CONTENT:
+        assert (report["results"]["warm-known"][model]["recall@20"]
+                >= report["results"]["warm"][model]["recall@20"] - 1e-9), model
 
 
 def test_tuned_hyperparameters_and_headline_are_recorded(evaluated, synthetic_catalog, eval_cfg):
@@ -107,7 +116,7 @@ def test_tuned_hyperparameters_and_headline_are_recorded(evaluated, synthetic_ca
 def test_markdown_and_plots_are_written(evaluated):
     run, _, _ = evaluated
     md = (run.eval / "report.md").read_text()
-    for slice_name in ("all", "warm", "cold"):
+    for slice_name in ("all", "warm", "warm-known", "cold"):
         assert f"## {slice_name} —" in md
     assert "| itemknn |" in md and "**" in md  # best per column in bold
     assert "new_share@20 |" in md and "new_share@20: share holding new songs" in md
@@ -144,6 +153,34 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     assert "llmrec - text" in report["headline"]["cold"]["differences"]
     assert "llmrec" in report["hyperparameters"]  # the CF tower's ridge strength is tuned like text2cf's
     assert cold["llmrec-history"]["recall@20"] > cold["random"]["recall@20"]  # the other user tower, reported
+    # the no-LLM bar is tuned exactly like llmrec and its hybrid, and the headline says what the LLM adds over it
+    mm = report["hyperparameters"]["mm2cf-hybrid"]
+    assert mm["weight"] in rep.BLEND_WEIGHTS and mm["cold_offset"] in rep.COLD_OFFSETS and mm["cf"] == hybrid["cf"]
+    assert [r["weight"] for r in grid["mm2cf-hybrid-weight"]] == list(rep.BLEND_WEIGHTS)
+    assert {"llmrec - mm2cf", "hybrid - mm2cf-hybrid"} <= set(report["headline"]["cold"]["differences"])
+
+
+def test_tail_counts_known_songs_outside_the_head_only():
+    # 10 songs: 2 never played (new), 8 known; the head is the top 20% of the known songs (2 of 8)
+    plays = np.array([0, 50, 40, 0, 30, 20, 10, 5, 3, 1], dtype=float)
+    tail = rep.tail_mask(plays)
+    assert not tail[0] and not tail[3]  # new songs are never tail
+    assert not tail[1] and not tail[2]  # the head
+    assert tail[[4, 5, 6, 7, 8, 9]].all()
+
+
+def test_raw_feature_blocks_are_standardised_to_equal_variance():
+    from eval.rawfeatures import concat_blocks
+
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(50, 4)) * 100.0
+    cover = rng.normal(size=(50, 16)) * 0.01
+    cover[:10] = 0.0  # ten songs without a cover
+    x = concat_blocks({"text": text, "cover": cover})
+    assert x.shape == (50, 20)
+    np.testing.assert_allclose((x[:, :4] ** 2).sum(1).mean(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose((x[10:, 4:] ** 2).sum(1).mean(), 1.0, rtol=1e-5)
+    assert not x[:10, 4:].any()  # a missing block stays zero
 
 
 def test_a_note_says_when_llmrec_may_have_seen_the_validation_plays(tmp_path, eval_cfg):
@@ -203,7 +240,9 @@ def test_empty_cold_slice_is_reported_as_empty_not_zero(tmp_path, synthetic_cata
     assert report["headline"]["cold"] == {"empty": True}
     assert out["recall@20 (cold)"] == "empty slice"
     assert "Empty slice" in (run.eval / "report.md").read_text()
-    assert report["hyperparameters"] == {k: v for k, v in rep.DEFAULTS.items() if k not in ("hybrid", "llmrec")}
+    expected = {k: v for k, v in rep.DEFAULTS.items() if k not in ("hybrid", "llmrec")}
+    expected.update({"mm2cf": rep.DEFAULTS["llmrec"], "mm2cf-hybrid": rep.DEFAULTS["hybrid"]})
+    assert report["hyperparameters"] == expected
 
 
 def test_missing_catalog_names_the_prepare_stage(tmp_path, eval_cfg, capsys):
@@ -229,7 +268,8 @@ def test_build_data_binarises_and_drops_repeat_pairs(synthetic_catalog):
     d = rep.build_data(synthetic_catalog, train, test)
     assert d.train.nnz == 2 and d.train.data.max() == 1.0
     assert d.test.nnz == 1 and d.repeats_dropped == 1  # (u0, s0) was already played in train
-    assert d.warm.sum() == 2 and d.is_tail.sum() == len(d.song_ids) - int(np.ceil(0.2 * len(d.song_ids)))
+    # two known songs: the head is ceil(0.2 * 2) = 1 of them, the other is tail; songs without plays never are
+    assert d.warm.sum() == 2 and d.is_tail.sum() == 1 and not d.is_tail[~d.warm].any()
 
 
 class Fixed(rep.Recommender):
