@@ -14,29 +14,35 @@ def _summary(**ratios_by_slice):
     return {name: {"ratios": ratios} for name, ratios in ratios_by_slice.items()}
 
 
-def test_lastfm_targets_report_the_shortfall_as_a_share_of_the_bar():
-    summary = _summary(warm={"hybrid/best_cf": 0.84}, all={"hybrid/best_cf": 1.2},
-                       cold={"llmrec/text": 1.2, "llmrec/text2cf": None})
-    rows = {t["target"]: t for t in quality.targets("lastfm", summary, None)}
-    assert len(rows) == 4
-    warm = rows["hybrid vs best CF, warm recall@20"]
-    assert not warm["met"] and warm["required"] == 1.05 and warm["short_by"] == pytest.approx(0.2)  # 1 - 0.84/1.05
+def test_nowplaying_targets_report_the_shortfall_as_a_share_of_the_bar():
+    summary = _summary(**{"warm-known": {"hybrid/best_cf": 0.882}, "all": {"hybrid/best_cf": 1.2},
+                          "cold": {"llmrec/mm2cf": None}})
+    rows = {t["target"]: t for t in quality.targets("nowplaying", summary, None)}
+    assert len(rows) == 3
+    warm = rows["hybrid vs best CF, warm-known recall@20"]
+    assert not warm["met"] and warm["required"] == 0.98 and warm["short_by"] == pytest.approx(0.1)  # 1 - .882/.98
     everything = rows["hybrid vs best CF, all recall@20"]
     assert everything["met"] and everything["short_by"] is None
-    assert rows["llmrec vs text-only, cold recall@20"]["short_by"] == pytest.approx(0.2)  # 1 - 1.2/1.5
-    unknown = rows["llmrec vs ridge text->CF map, cold recall@20"]  # llmrec not trained: no value, not met
+    unknown = rows["llmrec vs mm2cf, cold recall@20"]  # llmrec not trained: no value, not met
     assert unknown["value"] is None and not unknown["met"] and unknown["short_by"] is None
 
 
+def test_every_llmrec_target_has_a_no_llm_ratio_beside_it():
+    for dataset in ("synthetic", "lastfm", "nowplaying"):
+        whats = [t[1] for t in quality.RATIO_TARGETS if t[0] == dataset]
+        assert any("mm2cf" in w for w in whats), dataset
+    assert ("llmrec", "mm2cf") in quality.RATIOS and ("hybrid", "mm2cf-hybrid") in quality.RATIOS
+
+
 def test_the_tail_target_counts_only_hybrids_within_the_ndcg_budget():
-    summary = _summary(cold={"llmrec/text": 1.3})
+    summary = _summary(cold={"llmrec/mm2cf": 1.3})
     tail = {"als_tail_share@20": 0.2,
-            "hybrid": {"tail_share_vs_als": 1.8, "ndcg@20_change_vs_als": 0.01},
+            "hybrid": {"tail_share_vs_als": 1.35, "ndcg@20_change_vs_als": 0.01},
             "hybrid-tail": {"tail_share_vs_als": 3.5, "ndcg@20_change_vs_als": -0.12},  # over the 5% budget
             "llmrec": {"tail_share_vs_als": 4.0, "ndcg@20_change_vs_als": -0.4}}  # not a hybrid
     cold, tail_row = quality.targets("synthetic", summary, tail)
     assert cold["met"] and cold["value"] == 1.3
-    assert tail_row["value"] == 1.8 and not tail_row["met"] and tail_row["short_by"] == pytest.approx(0.1)
+    assert tail_row["value"] == 1.35 and not tail_row["met"] and tail_row["short_by"] == pytest.approx(0.1)
     tail["hybrid-tail"]["ndcg@20_change_vs_als"] = -0.04
     assert quality.targets("synthetic", summary, tail)[1]["value"] == 3.5
     assert quality.verdict(quality.targets("synthetic", summary, tail)[1], "met", "NOT met") == "met"
@@ -44,11 +50,11 @@ def test_the_tail_target_counts_only_hybrids_within_the_ndcg_budget():
 
 
 def test_the_markdown_has_the_targets_table():
-    result = {"quick": True, "overrides": [], "datasets": {"lastfm": {
-        "item_kind": "artist", "split": "item_holdout", "llmrec_trained": True, "slices": {},
-        "targets": quality.targets("lastfm", _summary(warm={"hybrid/best_cf": 0.84}), None)}}}
+    result = {"quick": True, "overrides": [], "datasets": {"nowplaying": {
+        "item_kind": "song", "split": "item_holdout", "llmrec_trained": True, "slices": {},
+        "targets": quality.targets("nowplaying", _summary(**{"warm-known": {"hybrid/best_cf": 0.882}}), None)}}}
     md = quality.results_markdown(result)
-    assert "| hybrid vs best CF, warm recall@20 | 0.840 | 1.05 | no, short by 20% |" in md
+    assert "| hybrid vs best CF, warm-known recall@20 | 0.882 | 0.98 | no, short by 10% |" in md
     assert "| hybrid vs best CF, all recall@20 | – | 1.1 | no |" in md
 
 
