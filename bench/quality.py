@@ -1,9 +1,11 @@
-"""Recommendation quality: every model of `llmrec eval` on the synthetic catalog and on lastfm-2k.
+"""Recommendation quality: every model of `llmrec eval` on the synthetic catalog, lastfm-2k and nowplaying-rs2020.
 
-    python bench/quality.py [--quick] [--dataset synthetic|lastfm|both] [--run-root runs/bench-quality]
+    python bench/quality.py [--quick] [--dataset synthetic|lastfm|nowplaying|both] [--run-root runs/bench-quality]
+
+(`both` = every dataset.)
 
 For each dataset it prepares the catalog into `<run-root>/<dataset>/` (the synthetic one is generated; `--quick`
-shrinks it — lastfm-2k is a fixed public set and always runs in full), runs the evaluation there (`eval/report.*`)
+shrinks it — the public sets always run in full), runs the evaluation there (`eval/report.*`)
 and prints recall@20 / ndcg@20 per slice and model. The last line is one JSON object: per dataset and slice, both
 metrics for every model, the best CF model, and the ratios llmrec/best_cf, hybrid/best_cf, llmrec/text and
 llmrec/text2cf on recall@20, the long-tail figures (tail share of the top 20 against ALS's, and the NDCG@20 given
@@ -34,7 +36,7 @@ from llmrec.config import Config, load_config  # noqa: E402
 from llmrec.io import atomic_write_text, open_run_dir  # noqa: E402
 from train.stages import run_train  # noqa: E402
 
-DATASETS = ("synthetic", "lastfm")
+DATASETS = ("synthetic", "lastfm", "nowplaying")
 METRICS = ("recall@20", "ndcg@20", "tail_share@20", "new_share@20")
 ABLATION_MODELS = ("llmrec-text", "llmrec-text+audio", "llmrec-text+cover", "llmrec")
 # llmrec/mm2cf and hybrid/mm2cf-hybrid: what the LLM adds over exactly the features it is given (eval/rawfeatures.py)
@@ -46,7 +48,7 @@ def dataset_config(name: str, quick: bool, overrides: list[str] = ()) -> Config:
     """The dataset's config; `overrides` (`--set k=v`, e.g. longer training) apply to every dataset."""
     if name == "synthetic":
         return load_config(extra_presets=["quick"] if quick else [], overrides=list(overrides))
-    return load_config(overrides=["catalog.source=lastfm"] + (["eval.bootstrap=200"] if quick else []) +
+    return load_config(overrides=[f"catalog.source={name}"] + (["eval.bootstrap=200"] if quick else []) +
                        list(overrides))
 
 

@@ -45,7 +45,7 @@ class SyntheticConfig:
 
 @dataclass
 class CatalogConfig:
-    """Where the catalog comes from: `synthetic` (generated), `table` (CSV/Parquet/JSONL) or `lastfm`."""
+    """Where the catalog comes from: `synthetic` (generated), `table` (CSV/Parquet/JSONL), `lastfm` or `nowplaying`."""
 
     source: str = "synthetic"
     path: str | None = None  # a directory or file for non-synthetic sources; env vars are expanded

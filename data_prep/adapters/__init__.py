@@ -4,7 +4,8 @@
 
 * `synthetic` — the embedded generated catalog (data_prep/synthetic.py), generated into a temporary directory;
 * `table` — CSV/TSV/Parquet/JSONL files in `catalog.path` with an optional `catalog.column_map` (table.py);
-* `lastfm` — hetrec2011-lastfm-2k, items are artists (lastfm.py).
+* `lastfm` — hetrec2011-lastfm-2k, items are artists (lastfm.py);
+* `nowplaying` — nowplaying-rs2020, songs with titles and artists only, no timestamps (nowplaying.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import tempfile
 from llmrec.config import Config
 from llmrec.schema import Catalog
 
-SOURCES = ("synthetic", "table", "lastfm")
+SOURCES = ("synthetic", "table", "lastfm", "nowplaying")
 
 
 def load_source(cfg: Config) -> Catalog:
@@ -26,6 +27,10 @@ def load_source(cfg: Config) -> Catalog:
         from data_prep.adapters.lastfm import load_lastfm_catalog
 
         return load_lastfm_catalog(cfg.catalog)
+    if source == "nowplaying":
+        from data_prep.adapters.nowplaying import load_nowplaying_catalog
+
+        return load_nowplaying_catalog(cfg.catalog)
     if source == "synthetic":
         from data_prep.synthetic import generate_catalog
 

@@ -91,7 +91,7 @@ def test_prepare_saves_a_table_catalog_into_the_run_dir(tmp_path, capsys):
 
 
 def test_sources_are_all_dispatched():
-    assert set(SOURCES) == {"synthetic", "table", "lastfm"}
+    assert set(SOURCES) == {"synthetic", "table", "lastfm", "nowplaying"}
     cfg = load_config(overrides=["catalog.source=nope"])
     with pytest.raises(ValueError, match="catalog.source 'nope' is not supported"):
         load_source(cfg)
@@ -133,3 +133,44 @@ def test_lastfm_missing_dir_is_a_clear_error(tmp_path):
     cfg = load_config(overrides=["catalog.source=lastfm", f"catalog.path={tmp_path}"])
     with pytest.raises(SchemaError, match="lacks .*artists.dat"):
         load_source(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ nowplaying-rs2020
+
+
+def write_nowplaying(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "track_ids.csv").write_text(
+        'track_id,track_artist,artist,track\n'
+        '0,DNA.;Kendrick Lamar,Kendrick Lamar,DNA.\n'
+        '1,"Love, Again;Ax",Ax,"Love, Again"\n'
+        '2,봄날;BTS,BTS,봄날\n', encoding="utf-8")
+    (root / "inter.csv").write_text("user_id,track_id\n7,0\n7,0\n7,1\n8,2\n8,0\n", encoding="utf-8")
+    return root
+
+
+def test_nowplaying_maps_songs_and_sums_repeated_events(tmp_path):
+    root = write_nowplaying(tmp_path / "np")
+    cat = load_source(load_config(overrides=["catalog.source=nowplaying", f"catalog.path={root}"]))
+    songs = cat.songs.set_index("song_id")
+    assert songs.loc["t1", "title"] == "Love, Again" and songs.loc["t2", "title"] == "봄날"
+    assert songs.loc["t2", "artist"] == "BTS" and list(songs.loc["t0", "genres"]) == []
+    inter = cat.interactions.set_index(["user_id", "song_id"])
+    assert inter.loc[("u7", "t0"), "play_count"] == 2 and len(cat.interactions) == 4
+    assert cat.meta["time_axis"] is False and cat.meta["item_kind"] == "song"
+    from llmrec.split import split_catalog
+
+    assert split_catalog(cat).kind == "item_holdout"  # no time axis: songs and plays are held out at random
+
+
+def test_nowplaying_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(SchemaError, match="LLMREC_NOWPLAYING_DIR"):
+        load_source(load_config(overrides=["catalog.source=nowplaying", f"catalog.path={tmp_path}"]))
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "datasets" / "nowplaying-rs2020").is_dir(),
+                    reason="../shared/datasets/nowplaying-rs2020 is not beside the repository")
+def test_nowplaying_real_counts_match_its_provenance():
+    cat = load_source(load_config(overrides=["catalog.source=nowplaying"]))
+    assert (len(cat.songs), len(cat.users), len(cat.interactions)) == (15753, 18310, 333550)
+    assert int(cat.interactions["play_count"].sum()) == 395056
