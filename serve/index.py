@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from llmrec.io import MissingArtefactError, atomic_dir
+from llmrec.ranking import centred_unit
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, EMB_FILE, META_FILE, CENTER_FILE = "songs.faiss", "embeddings.npy", "index.json", "center.npy"
@@ -77,7 +78,7 @@ class SongIndex:
 
     def centred(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors with the build-time catalogue mean removed, unit norm (what the faiss index holds)."""
-        return _centred(vectors, self.center)
+        return centred_unit(vectors, self.center)
 
     def __len__(self) -> int:
         return len(self.song_ids)
@@ -93,7 +94,7 @@ class SongIndex:
         if len(set(song_ids)) != len(song_ids):
             raise ValueError("song ids are not unique")
         center = emb.mean(axis=0) if len(emb) > 1 else np.zeros(emb.shape[1], np.float32)
-        return cls(build_faiss(_centred(emb, center), kind, **params), list(song_ids), emb, bundle_hash, kind,
+        return cls(build_faiss(centred_unit(emb, center), kind, **params), list(song_ids), emb, bundle_hash, kind,
                    center=center)
 
     def add(self, embeddings: np.ndarray, song_ids: Sequence[str], metadata: Sequence[dict] | None = None) -> None:
@@ -174,11 +175,6 @@ def load_index(directory: str | os.PathLike, bundle_hash: str) -> SongIndex:
                          f"{len(meta['song_ids'])} ids); rebuild with `llmrec serve --build-index`")
     return SongIndex(index, list(meta["song_ids"]), emb, meta["bundle_hash"], meta.get("kind", "flat"),
                      dict(meta.get("added", {})), center)
-
-
-def _centred(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
-    v = np.asarray(vectors, dtype=np.float32) - center
-    return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
 
 
 def _check(embeddings: np.ndarray, song_ids: Sequence[str], dim: int | None = None) -> np.ndarray:

@@ -152,7 +152,8 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     assert cold["llmrec"]["recall@20"] > cold["random"]["recall@20"]
     assert "llmrec - text" in report["headline"]["cold"]["differences"]
     assert "llmrec" in report["hyperparameters"]  # the CF tower's ridge strength is tuned like text2cf's
-    assert cold["llmrec-history"]["recall@20"] > cold["random"]["recall@20"]  # the other user tower, reported
+    assert cold["llmrec-cf"]["recall@20"] > cold["random"]["recall@20"]  # the other user tower, reported
+    assert any(n.startswith("served ranking: `llmrec` is the list") for n in report["notes"])
     # the no-LLM bar is tuned exactly like llmrec and its hybrid, and the headline says what the LLM adds over it
     mm = report["hyperparameters"]["mm2cf-hybrid"]
     assert mm["weight"] in rep.BLEND_WEIGHTS and mm["cold_offset"] in rep.COLD_OFFSETS and mm["cf"] == hybrid["cf"]
