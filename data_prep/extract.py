@@ -54,7 +54,7 @@ from data_prep.audio import MediaError, load_audio
 from data_prep.image import load_image, prepare_image
 from llmrec.config import Config, ModelConfig
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json, dir_sha256, file_sha256
-from llmrec.model.encoders import MediaEncoder, is_tiny, spec_hash
+from llmrec.model.encoders import MediaEncoder, is_tiny, spec_hash, weights_id
 from llmrec.schema import Catalog, load_catalog
 from llmrec.text import sanitize_text
 
@@ -178,10 +178,13 @@ class ShardExtractor:
         cover_present = torch.zeros(n, dtype=torch.uint8)
         statuses = []
         for i, (wave, pixels) in enumerate(self._decoded(task.songs)):
+            self.encoder.last_audio_padded = False
             a_reason = _encode_into(audio, audio_present, i, wave, self.encoder.encode_audio)
             c_reason = _encode_into(cover, cover_present, i, pixels, self.encoder.encode_image)
-            statuses.append(song_status("missing" if a_reason else "ok", a_reason,
-                                        "missing" if c_reason else "ok", c_reason))
+            status = song_status("missing" if a_reason else "ok", a_reason, "missing" if c_reason else "ok", c_reason)
+            if not a_reason and self.encoder.last_audio_padded:
+                status["audio_padded"] = True  # shorter than one encoder patch: zero-padded to one, and counted
+            statuses.append(status)
         tensors = {"audio": audio, "audio_present": audio_present, "cover": cover, "cover_present": cover_present}
         return tensors, statuses
 
@@ -423,10 +426,11 @@ def _ids_sha(ids: list[str]) -> str:
 
 
 def _counts(songs: Iterable[dict]) -> dict:
-    counts = {"audio_ok": 0, "audio_missing": 0, "cover_ok": 0, "cover_missing": 0}
+    counts = {"audio_ok": 0, "audio_missing": 0, "cover_ok": 0, "cover_missing": 0, "audio_padded": 0}
     for s in songs:
         counts[f"audio_{s['audio']}"] += 1
         counts[f"cover_{s['cover']}"] += 1
+        counts["audio_padded"] += bool(s.get("audio_padded"))
     return counts
 
 
@@ -459,7 +463,7 @@ def prepare_encoders(cfg: Config, catalog: Catalog, enc_dir: Path, progress: boo
                 _pretrain_into(cfg, catalog, enc_dir, spec, progress)
         info["pretrain"] = _read_json(enc_dir / "pretrain.json")
     for kind, sub, enc in (("audio", "audio", cfg.model.audio), ("cover", "image", cfg.model.cover)):
-        info[f"{kind}_weights"] = dir_sha256(enc_dir / sub) if is_tiny(enc.name) else f"hub:{enc.name}"
+        info[f"{kind}_weights"] = dir_sha256(enc_dir / sub) if is_tiny(enc.name) else weights_id(enc.name)
     return info
 
 
@@ -736,6 +740,8 @@ def _modality_summary(manifest: dict, kind: str, examples: int = 3) -> str:
     """'142 ok, 2 missing (e.g. s00003: empty file, ...)': missing media are counted and named, never dropped."""
     counts = manifest.get("counts", {})
     text = f"{counts.get(f'{kind}_ok', 0)} ok, {counts.get(f'{kind}_missing', 0)} missing"
+    if counts.get(f"{kind}_padded"):
+        text += f", {counts[f'{kind}_padded']} shorter than one encoder patch (zero-padded to one)"
     missing = [f"{sid}: {rec[f'{kind}_reason']}" for sid, rec in manifest.get("songs", {}).items()
                if rec[kind] == "missing"][:examples]
     return text + (f" (e.g. {'; '.join(missing)}; reasons per song in manifest.json)" if missing else "")

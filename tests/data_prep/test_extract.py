@@ -137,7 +137,7 @@ def test_manifest_records_every_song_with_reasons_and_shard_hashes(broken_run):
         other = "cover" if kind == "audio" else "audio"
         assert entry[other] == "ok" and entry[f"{other}_reason"] is None
     assert m["songs"]["s00040"]["shard"] == 1  # ids 32..63
-    assert m["counts"] == {"audio_ok": 142, "audio_missing": 2, "cover_ok": 142, "cover_missing": 2}
+    assert m["counts"] == {"audio_ok": 142, "audio_missing": 2, "cover_ok": 142, "cover_missing": 2, "audio_padded": 0}
     for name, rec in m["shards"].items():
         assert rec["sha256"] == file_sha256(run.features / name)
     assert m["encoders"]["audio"]["name"] == "tiny-hubert" and m["encoders"]["cover"]["tokens"] == 4

@@ -43,8 +43,17 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; choose one of \['base', 'quick', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; choose one of \['base', 'quick', 'small', 'tiny'\]"):
         load_config(preset="huge")
+    with pytest.raises(ConfigError, match="unknown preset 'small\+quick'"):  # an add-on, not a preset of its own
+        load_config(preset="small+quick")
+
+
+def test_quick_on_small_takes_quick_catalogue_and_small_model_steps():
+    cfg = load_config(preset="small", extra_presets=["quick"])
+    assert cfg.model.backbone == "smollm2" and cfg.synthetic.n_songs == 120  # quick's catalogue
+    assert cfg.train.stage2_steps == 6 and not cfg.train.ablations  # steps sized for the 135M LM
+    assert load_config(extra_presets=["quick"]).train.stage2_steps == 60  # tiny's quick is unchanged
 
 
 def test_yaml_round_trip(tmp_path):
