@@ -70,17 +70,17 @@ BAICHUAN2_13B_CFG = {
 }
 
 
-def make_baichuan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def make_baichuan_state_dict(seed: int = 0, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=0.1):
         return torch.randn(*shape, generator=g) * scale
 
     sd = {
-        "model.embed_tokens.weight": rnd(VOCAB, HIDDEN, scale=1.0),
+        "model.embed_tokens.weight": rnd(vocab, HIDDEN, scale=1.0),
         "model.norm.weight": 1.0 + rnd(HIDDEN),
         # Rows with very different norms, so that forgetting the NormHead normalisation changes the logits.
-        "lm_head.weight": rnd(VOCAB, HIDDEN, scale=1.0) * torch.rand(VOCAB, 1, generator=g).mul(5).add(0.1),
+        "lm_head.weight": rnd(vocab, HIDDEN, scale=1.0) * torch.rand(vocab, 1, generator=g).mul(5).add(0.1),
     }
     for i in range(LAYERS):
         p = f"model.layers.{i}."
@@ -336,3 +336,76 @@ def test_tokenizer_matches_sentencepiece(tmp_path):
     reloaded = AutoTokenizer.from_pretrained(dst)
     for text in texts:
         assert reloaded.encode(text) == sp.encode(text), text
+
+
+def write_baichuan2_dir(src, texts: list[str], vocab: int = 600) -> None:
+    """A tiny checkpoint in Baichuan2's on-disk format: config.json (BaichuanForCausalLM, remote-code auto_map),
+    W_pack safetensors and a sentencepiece tokenizer.model trained like Baichuan2's, on `texts`."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab, byte_fallback=True,
+        split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False)
+    src.mkdir(parents=True)
+    (src / "tokenizer.model").write_bytes(buf.getvalue())
+    n_vocab = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
+    (src / "config.json").write_text(json.dumps({**TINY_CFG, "vocab_size": n_vocab, "max_position_embeddings": 512,
+                                                  "model_max_length": 512}))
+    save_file(make_baichuan_state_dict(0, n_vocab), str(src / "model.safetensors"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "tokenizer_class": "BaichuanTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"}))
+
+
+@pytest.mark.slow
+def test_base_path_end_to_end_from_a_baichuan2_directory(tmp_path, synthetic_catalog):
+    """The `base` preset's backbone path on a tiny Baichuan2-format directory: loaded (converted to the Llama
+    layout in memory), trained through stages 1-2 with LoRA, exported, and served one recommendation request."""
+    import argparse
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from data_prep.extract import run_features
+    from data_prep.prepare import run_prepare
+    from llmrec.config import load_config
+    from llmrec.io import open_run_dir
+    from serve.app import build_index, create_app, load_state
+    from serve.engines.hf import HFEngine
+    from train.stages import run_train
+
+    pytest.importorskip("sentencepiece")
+    texts = [f"{r.title} by {r.artist}. {' '.join(r.genres)} {str(r.lyrics)[:200]}" for r in
+             synthetic_catalog.songs.itertuples()] * 3
+    src = tmp_path / "baichuan2-tiny"
+    write_baichuan2_dir(src, texts)
+    run = open_run_dir(tmp_path / "run")
+    cfg = load_config(extra_presets=["quick"], overrides=[
+        f"model.backbone={src}", "synthetic.n_songs=40", "synthetic.n_new_songs=8", "synthetic.n_users=30",
+        "synthetic.n_artists=8", "synthetic.events_per_user=20", "synthetic.audio_seconds=1.5",
+        "model.embedding_dim=16", "model.lora_r=4", "features.workers=1", "features.encoder_pretrain_steps=2",
+        "features.encoder_pretrain_batch=4", "features.text_encoder=tfidf", "train.stage1_steps=2",
+        "train.stage2_steps=2", "train.batch_size=2", "train.max_length=384", "train.ablations=false"])
+    args = argparse.Namespace(no_progress=True)
+    run_prepare(cfg, run, args)
+    run_features(cfg, run, args)
+    run_train(cfg, run, args)
+    bundle = json.loads((run.model / "bundle" / "bundle.json").read_text())
+    assert bundle["backbone"] == str(src)
+    lm_cfg = json.loads((run.model / "bundle" / "lm" / "config.json").read_text())
+    assert lm_cfg["model_type"] == "llama" and lm_cfg["num_hidden_layers"] == LAYERS  # converted, LoRA merged
+
+    engine = HFEngine(run.model / "bundle")
+    serve_cfg = copy.deepcopy(cfg)
+    build_index(serve_cfg, run, engine, progress=False)
+    state = load_state(serve_cfg, run, engine=engine)
+    user = next(u for u, h in state.inputs.histories.items() if h)
+    with TestClient(create_app(state)) as client:
+        r = client.post("/v1/recommendations", json={"user_id": user, "k": 3, "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    items = r.json()["data"]
+    assert len(items) == 3 and all(isinstance(it["reason"], str) for it in items)
