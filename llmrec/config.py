@@ -64,6 +64,9 @@ class EncoderConfig:
     tokens: int = 4  # vectors per song after pooling = placeholder tokens in the prompt
     windows: int = 2  # audio only: windows per song
     window_seconds: float = 1.5
+    # audio only: run the checkpoint's own Python code (MERT's hub remote code) when the native HubertModel cannot
+    # load its weights. Off by default: a local directory's code would run with the user's rights.
+    trust_remote_code: bool = False
 
 
 @dataclass

@@ -107,8 +107,10 @@ def absolutise_media(songs: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Relative media paths resolve against the source directory; the catalog is saved elsewhere, so pin them."""
     songs = songs.copy()
     for col in ("audio_path", "cover_path"):
-        songs[col] = [None if p is None else str((root / p).resolve()) if not Path(p).is_absolute() else p
-                      for p in songs[col]]
+        # `pd.isna`, not `is None`: the validator's None is stored as NaN in a string column (pandas >= 3)
+        songs[col] = pd.Series([None if not isinstance(p, str) or pd.isna(p) or not p else
+                                str((root / p).resolve()) if not Path(p).is_absolute() else p
+                                for p in songs[col]], index=songs.index, dtype=object)
     return songs
 
 

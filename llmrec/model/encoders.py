@@ -179,17 +179,18 @@ def build_audio_encoder(enc_cfg: EncoderConfig, seed: int = 0, path: str | os.Pa
 
         return MusicnnEncoder.from_package("MTT_musicnn").eval()
     if path is not None:
-        return _load_hubert(str(path))
+        return _load_hubert(str(path), enc_cfg.trust_remote_code)
     if is_tiny(enc_cfg.name):
         if enc_cfg.name not in ("tiny", TINY_AUDIO):
             raise ValueError(f"model.audio.name {enc_cfg.name!r}: unknown tiny audio encoder; use {TINY_AUDIO!r}")
         return _build_seeded(lambda: HubertModel(tiny_hubert_config(enc_cfg.sample_rate)), seed)
-    return _load_hubert(resolve_weights(enc_cfg.name))
+    return _load_hubert(resolve_weights(enc_cfg.name), enc_cfg.trust_remote_code)
 
 
-def _load_hubert(path: str) -> torch.nn.Module:
+def _load_hubert(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """MERT-v1 without its CQT branch is HuBERT with MERT's projection layer norm: try the native class first,
-    since MERT's remote code was written for transformers 4.x; fall back to it if keys are missing."""
+    since MERT's remote code was written for transformers 4.x; fall back to it if keys are missing, and only with
+    `model.audio.trust_remote_code` (the checkpoint's Python code runs with the user's rights)."""
     from transformers import AutoModel, HubertModel
 
     try:
@@ -203,6 +204,11 @@ def _load_hubert(path: str) -> torch.nn.Module:
         native_error: Exception = EncoderLoadError(f"native HubertModel is missing weights {missing[:5]}")
     except Exception as e:  # noqa: BLE001 - any failure here means "try the remote code"
         native_error = e
+    if not trust_remote_code:
+        raise EncoderLoadError(
+            f"audio encoder {path!r} does not load into the native HubertModel ({type(native_error).__name__}: "
+            f"{str(native_error)[:200]}); it may load with the checkpoint's own code, which llmrec runs only when "
+            f"asked: --set model.audio.trust_remote_code=true") from native_error
     try:
         model = AutoModel.from_pretrained(path, trust_remote_code=True, local_files_only=True)
         model.config.output_hidden_states = True

@@ -174,3 +174,18 @@ def test_nowplaying_real_counts_match_its_provenance():
     cat = load_source(load_config(overrides=["catalog.source=nowplaying"]))
     assert (len(cat.songs), len(cat.users), len(cat.interactions)) == (15753, 18310, 333550)
     assert int(cat.interactions["play_count"].sum()) == 395056
+
+
+def test_missing_media_file_is_a_counted_skip_not_a_crash(tmp_path):
+    """Defect (pandas >= 3): a songs table whose audio_path names a missing file crashed `absolutise_media` with a
+    TypeError, because the validator's None became NaN in a string column."""
+    d = write_table_dir(tmp_path / "src")
+    (d / "cover.png").write_bytes(b"\x89PNG stand-in")
+    songs = pd.DataFrame({"track": ["t1", "t2"], "name": ["A", "B"], "band": ["X", "Y"], "style": ["rock", "pop"],
+                          "audio_path": ["missing.wav", None], "cover_path": [None, "cover.png"]})
+    (d / "songs.csv").unlink()
+    songs.to_csv(d / "songs.csv", index=False)
+    cat = load_source(table_config(d))
+    rows = cat.songs.set_index("song_id")
+    assert rows.loc["t1", "audio_path"] is None or pd.isna(rows.loc["t1", "audio_path"])
+    assert str(rows.loc["t2", "cover_path"]).endswith("cover.png") and Path(rows.loc["t2", "cover_path"]).is_absolute()

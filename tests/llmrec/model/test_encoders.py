@@ -127,6 +127,26 @@ def test_mert_style_checkpoint_loads_into_native_hubert(tmp_path, encoder):
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
 
 
+def test_local_audio_checkpoint_runs_no_remote_code_without_an_explicit_opt_in(tmp_path, encoder, monkeypatch):
+    """Defect: a local audio checkpoint the native HubertModel cannot load fell back to trust_remote_code=True
+    silently. Now the fallback needs model.audio.trust_remote_code; without it the error names the setting."""
+    import transformers
+
+    path = tmp_path / "odd-audio"
+    save_encoder(encoder.audio_model, path)
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 6  # weights for 4 layers: the native class reports missing keys
+    (path / "config.json").write_text(json.dumps(config))
+    calls = []
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        lambda *a, **k: calls.append(k) or encoder.audio_model)
+    with pytest.raises(EncoderLoadError, match="model.audio.trust_remote_code=true"):
+        build_audio_encoder(EncoderConfig(name=str(path)))
+    assert calls == []  # no remote code was even looked at
+    build_audio_encoder(EncoderConfig(name=str(path), trust_remote_code=True))
+    assert calls and calls[0]["trust_remote_code"] is True
+
+
 def test_real_encoders_by_path_go_through_the_same_media_encoder(tmp_path, encoder):
     """The `base` preset's loading path (hub-style checkpoints with a ViTImageProcessor), on tiny weights."""
     from transformers import ViTImageProcessor
