@@ -177,17 +177,30 @@ def _ids_to_str(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return df
 
 
-def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Path | None = None) -> pd.DataFrame:
+def _cut(text: str | None, limit: int | None, where: str, report: ValidationReport, kind: str) -> str | None:
+    """`text` cut to `limit` characters (counted in the report under `kind`); None/unlimited pass through."""
+    if text is None or not limit or len(text) <= limit:
+        return text
+    report.add(kind, where)
+    return text[:limit]
+
+
+def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Path | None = None,
+                   max_text_chars: int | None = None) -> pd.DataFrame:
+    """Validated songs; text fields (and each list item) longer than `max_text_chars` are cut and counted
+    (`catalog.max_text_chars`: a 1.2 MB lyrics field must not reach songs.parquet, prompts or the text encoder)."""
     df = _ids_to_str(_check_columns(songs, "songs"), ["song_id"])
     _check_ids(df, "songs", "song_id")
     for name in TEXT_FIELDS["songs"]:
-        df[name] = [_clean_text(v, "songs", i, name, report) for i, v in enumerate(df[name])]
+        df[name] = [_cut(_clean_text(v, "songs", i, name, report), max_text_chars, f"row {i}", report,
+                         f"songs.{name}.truncated") for i, v in enumerate(df[name])]
     for name in ("title", "artist"):
         for i, v in enumerate(df[name]):
             if v is None or not v.strip():
                 raise SchemaError(f"songs row {i} (song_id {df.song_id[i]!r}): field {name!r} is empty")
     for name in LIST_FIELDS["songs"]:
-        df[name] = [_as_list(v, "songs", i, name, report) for i, v in enumerate(df[name])]
+        df[name] = [[_cut(t, max_text_chars, f"row {i}", report, f"songs.{name}.truncated")
+                     for t in _as_list(v, "songs", i, name, report)] for i, v in enumerate(df[name])]
     dates = []
     for i, v in enumerate(df["release_date"]):
         if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT:
@@ -266,10 +279,11 @@ def validate_interactions(
 
 
 def validate_catalog(
-    songs: pd.DataFrame, users: pd.DataFrame, interactions: pd.DataFrame, media_root: Path | None = None
+    songs: pd.DataFrame, users: pd.DataFrame, interactions: pd.DataFrame, media_root: Path | None = None,
+    max_text_chars: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, ValidationReport]:
     report = ValidationReport()
-    songs = validate_songs(songs, report, media_root)
+    songs = validate_songs(songs, report, media_root, max_text_chars)
     users = validate_users(users, report)
     interactions = validate_interactions(interactions, set(songs.song_id), set(users.user_id), report)
     return songs, users, interactions, report

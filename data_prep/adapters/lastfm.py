@@ -119,7 +119,8 @@ def load_lastfm_catalog(cfg: CatalogConfig) -> Catalog:
     songs = build_songs(artists, artist_tags(tagged, tags))
     inter, last_date, dated = build_interactions(plays, tagged)
     users = pd.DataFrame({"user_id": "u" + pd.Series(pd.unique(plays["userID"]))})
-    songs, users, inter, vreport = validate_catalog(songs, users, inter, media_root=None)
+    songs, users, inter, vreport = validate_catalog(songs, users, inter, media_root=None,
+                                                 max_text_chars=cfg.max_text_chars)
     merge_reports(report, vreport)
     meta = {
         "source": "lastfm",

@@ -87,7 +87,8 @@ def load_nowplaying_catalog(cfg: CatalogConfig) -> Catalog:
     songs = build_songs(tracks)
     inter = build_interactions(events)
     users = pd.DataFrame({"user_id": pd.unique(inter["user_id"])})
-    songs, users, inter, vreport = validate_catalog(songs, users, inter, media_root=None)
+    songs, users, inter, vreport = validate_catalog(songs, users, inter, media_root=None,
+                                                 max_text_chars=cfg.max_text_chars)
     merge_reports(report, vreport)
     meta = {
         "source": "nowplaying",

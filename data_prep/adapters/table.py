@@ -134,7 +134,8 @@ def load_table_catalog(cfg: CatalogConfig) -> Catalog:
         frames[table] = apply_column_map(df, cfg.column_map, table, path)
     if "users" not in frames:
         frames["users"] = users_from_interactions(frames["interactions"], report)
-    songs, users, inter, vreport = validate_catalog(frames["songs"], frames["users"], frames["interactions"], root)
+    songs, users, inter, vreport = validate_catalog(frames["songs"], frames["users"], frames["interactions"], root,
+                                                        cfg.max_text_chars)
     merge_reports(report, vreport)
     meta = {"source": "table", "path": str(root), "column_map": dict(cfg.column_map), "split_time": None}
     return Catalog(absolutise_media(songs, root), users, inter, meta=meta, root=root, report=report)

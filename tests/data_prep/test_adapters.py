@@ -189,3 +189,19 @@ def test_missing_media_file_is_a_counted_skip_not_a_crash(tmp_path):
     rows = cat.songs.set_index("song_id")
     assert rows.loc["t1", "audio_path"] is None or pd.isna(rows.loc["t1", "audio_path"])
     assert str(rows.loc["t2", "cover_path"]).endswith("cover.png") and Path(rows.loc["t2", "cover_path"]).is_absolute()
+
+
+def test_max_text_chars_cuts_and_counts_huge_fields(tmp_path):
+    """Defect: `catalog.max_text_chars` was read nowhere, so a 1.2 MB lyrics field reached songs.parquet verbatim."""
+    d = write_table_dir(tmp_path / "src")
+    songs = pd.DataFrame({"track": ["t1", "t2"], "name": ["A", "B"], "band": ["X", "Y"], "style": ["rock", "pop"],
+                          "lyrics": ["la " * 400_000, "short"], "comments": ["ok|" + "spam" * 10_000, "fine"]})
+    (d / "songs.csv").unlink()
+    songs.to_csv(d / "songs.csv", index=False)
+    cfg = table_config(d)
+    cfg.catalog.max_text_chars = 5000
+    cat = load_source(cfg)
+    rows = cat.songs.set_index("song_id")
+    assert len(rows.loc["t1", "lyrics"]) == 5000 and rows.loc["t2", "lyrics"] == "short"
+    assert [len(c) for c in rows.loc["t1", "comments"]] == [2, 5000]
+    assert cat.report.counts["songs.lyrics.truncated"] == 1 and cat.report.counts["songs.comments.truncated"] == 1
