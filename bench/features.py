@@ -61,7 +61,7 @@ def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.Shar
     save_encoder(enc.audio_model, work / "encoders" / "audio")
     save_encoder(enc.image_model, work / "encoders" / "image")
     spec = extract.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench", cfg.features.max_audio_seconds,
-                              cfg.features.max_image_pixels)
+                              cfg.features.min_audio_seconds, cfg.features.max_image_pixels)
     return extract.plan_shards(catalog, cfg.features.shard_size, work), spec, catalog
 
 

@@ -77,8 +77,9 @@ def read_segments(path: Path, info, windows: int, window_seconds: float) -> list
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int, *, windows: int = 1, window_seconds: float = 10.0,
-               max_seconds: float = 600.0) -> np.ndarray:
-    """Decode `path` to mono float32 at `sample_rate`.
+               max_seconds: float = 600.0, min_seconds: float = 0.0) -> np.ndarray:
+    """Decode `path` to mono float32 at `sample_rate`; fewer decoded samples than `min_seconds` is a MediaError
+    (`features.min_audio_seconds`: a 10 ms clip, or a WAV truncated to a few samples, is not a song).
 
     Files up to `max_seconds` are decoded whole. Longer ones are read as `windows` evenly spaced segments of
     `window_seconds` concatenated: the encoder's even windowing then splits that back into exactly those segments,
@@ -94,6 +95,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int, *, windows: int = 1, w
     wave = np.concatenate([resample(s, info.samplerate, sample_rate) for s in segments])
     if wave.size == 0:
         raise MediaError("no audio frames", path)
+    if wave.size < min_seconds * sample_rate:
+        raise MediaError(f"audio too short ({wave.size / sample_rate:.3f} s decoded; features.min_audio_seconds="
+                         f"{min_seconds:g})", path)
     if not np.isfinite(wave).all():
         raise MediaError("corrupt audio data (NaN or infinite samples)", path)
     return wave.astype(np.float32, copy=False)

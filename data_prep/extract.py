@@ -134,6 +134,7 @@ class WorkerSpec:
     seed: int
     features_hash: str
     max_audio_seconds: float
+    min_audio_seconds: float
     max_image_pixels: int
 
 
@@ -156,7 +157,8 @@ class ShardExtractor:
         return (
             _try(lambda: load_audio(song.audio, enc.audio_cfg.sample_rate, windows=enc.audio_cfg.windows,
                                     window_seconds=enc.audio_cfg.window_seconds,
-                                    max_seconds=spec.max_audio_seconds), song.audio, "no audio file"),
+                                    max_seconds=spec.max_audio_seconds, min_seconds=spec.min_audio_seconds),
+                 song.audio, "no audio file"),
             _try(lambda: prepare_image(song.cover, enc.image_size, enc.image_mean, enc.image_std,
                                        max_pixels=spec.max_image_pixels), song.cover, "no cover file"),
         )
@@ -495,6 +497,7 @@ def features_hash(cfg: Config, encoders: dict) -> str:
         "format": FORMAT_VERSION, "audio": asdict(cfg.model.audio), "cover": asdict(cfg.model.cover),
         "audio_weights": encoders["audio_weights"], "cover_weights": encoders["cover_weights"], "seed": cfg.seed,
         "max_audio_seconds": cfg.features.max_audio_seconds, "max_image_pixels": cfg.features.max_image_pixels,
+        "min_audio_seconds": cfg.features.min_audio_seconds,
     })
 
 
@@ -701,7 +704,7 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
     text = build_text_features(catalog, cfg, out_dir, progress) if f.shard_index == 0 else None
     _clean_stale_temp_files(todo)
     spec = WorkerSpec(cfg.model, str(out_dir / "encoders"), cfg.seed, fhash, f.max_audio_seconds,
-                      f.max_image_pixels)
+                      f.min_audio_seconds, f.max_image_pixels)
     workers = min(resolve_workers(f.workers), max(1, len(todo)))
     stats = {"songs": 0, "rss": {}}
     bar = tqdm(total=sum(len(t.songs) for t in todo), unit="song", desc="features", disable=not progress)

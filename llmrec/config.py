@@ -108,6 +108,9 @@ class FeatureConfig:
     num_shards: int = 1
     start_method: str = "forkserver"  # worker processes: `forkserver` (Linux, fast start) or `spawn`
     max_audio_seconds: float = 600.0  # longer files are not decoded whole: only the encoder's windows are read
+    # Shorter files are refused as audio (a counted skip with the reason): a 10 ms clip or a WAV truncated to a few
+    # samples carries no music, and encoding it would pass silence or a click off as the song.
+    min_audio_seconds: float = 0.25
     max_image_pixels: int = 64_000_000  # larger covers are refused (decompression-bomb guard)
     # Stage 0 for the tiny encoders only: short contrastive (SimCLR-style) pretraining on the catalog's media.
     encoder_pretrain_steps: int = 40

@@ -103,7 +103,8 @@ class MediaCodec:
         with self._media_file(data, path, ".audio", field, "usable audio") as file:
             wave = load_audio(file, enc.audio_cfg.sample_rate, windows=enc.audio_cfg.windows,
                               window_seconds=enc.audio_cfg.window_seconds,
-                              max_seconds=self.cfg.features.max_audio_seconds)
+                              max_seconds=self.cfg.features.max_audio_seconds,
+                              min_seconds=self.cfg.features.min_audio_seconds)
             with self._lock:
                 return enc.encode_audio(wave)
 

@@ -88,3 +88,17 @@ def test_hour_long_file_reads_only_the_windows(tmp_path):
 def test_short_file_is_decoded_whole(tmp_path):
     path = write_wav(tmp_path / "s.wav", np.full(24000 * 3, 0.1, np.float32), 24000)
     assert len(load_audio(path, 24000, windows=2, window_seconds=1.0, max_seconds=600)) == 24000 * 3
+
+
+def test_a_10ms_clip_and_a_truncated_wav_are_refused_as_too_short(tmp_path):
+    """Defect: a WAV truncated to 28 samples and a 10 ms WAV passed as audio (in `features` and in uploads)."""
+    t = np.arange(16000) / 16000
+    tiny = write_wav(tmp_path / "10ms.wav", 0.3 * np.sin(2 * np.pi * 440 * t[:160]), 16000)
+    full = write_wav(tmp_path / "full.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(full.read_bytes()[:44 + 56])  # the header claims 1 s; 28 16-bit samples are there
+    for path in (tiny, truncated):
+        with pytest.raises(MediaError, match=r"audio too short .*features.min_audio_seconds=0.25"):
+            load_audio(path, 16000, min_seconds=0.25)
+    assert len(load_audio(full, 16000, min_seconds=0.25)) == 16000
+    assert len(load_audio(tiny, 16000)) == 160  # no minimum asked: decoded as is

@@ -264,6 +264,8 @@ BAD_JSON_REQUESTS = [
     ("/v1/embeddings", {"input": {**NEW_SONG, "audio": "%%%"}}, 422, "input.audio", "not valid base64"),
     ("/v1/embeddings", {"input": {**NEW_SONG, "audio": b64(b"plain text, not audio " * 50)}}, 422, "input.audio",
      "not usable audio"),
+    # a 10 ms clip is not a song (features.min_audio_seconds)
+    ("/v1/embeddings", {"input": {**NEW_SONG, "audio": b64(wav_bytes(0.01))}}, 422, "input.audio", "audio too short"),
     ("/v1/embeddings", {"input": {**NEW_SONG, "cover": b64(wav_bytes(0.2))}}, 422, "input.cover",
      "not a usable image"),
     ("/v1/embeddings", {"input": {**NEW_SONG, "audio": b64(b"\0" * (5 * 1024 * 1024))}}, 413, "input.audio",
