@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -185,10 +185,19 @@ def _cut(text: str | None, limit: int | None, where: str, report: ValidationRepo
     return text[:limit]
 
 
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
 def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Path | None = None,
-                   max_text_chars: int | None = None) -> pd.DataFrame:
+                   max_text_chars: int | None = None, media_roots: Sequence[str | Path] = ()) -> pd.DataFrame:
     """Validated songs; text fields (and each list item) longer than `max_text_chars` are cut and counted
-    (`catalog.max_text_chars`: a 1.2 MB lyrics field must not reach songs.parquet, prompts or the text encoder)."""
+    (`catalog.max_text_chars`: a 1.2 MB lyrics field must not reach songs.parquet, prompts or the text encoder).
+
+    Media paths must resolve (symlinks followed) inside `media_root` (the catalog directory) or one of
+    `media_roots` (`catalog.media_roots`); any other path, `../../etc/passwd` included, is dropped and counted,
+    so no later stage opens it."""
     df = _ids_to_str(_check_columns(songs, "songs"), ["song_id"])
     _check_ids(df, "songs", "song_id")
     for name in TEXT_FIELDS["songs"]:
@@ -211,13 +220,17 @@ def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Pa
         except (ValueError, TypeError):
             raise SchemaError(f"songs row {i} (song_id {df.song_id[i]!r}): field 'release_date' = {v!r} is not a date") from None
     df["release_date"] = dates
+    roots = [Path(r).resolve() for r in ([media_root] if media_root is not None else []) + list(media_roots)]
     for name in ("audio_path", "cover_path"):
         paths = []
         for i, v in enumerate(df[name]):
             v = _clean_text(v, "songs", i, name, report)
             if v and media_root is not None:
                 p = Path(v) if Path(v).is_absolute() else media_root / v
-                if not p.is_file():
+                if not _inside(p, roots):
+                    report.add(f"songs.{name}.outside_media_roots", f"song {df.song_id[i]} ({v})")
+                    v = None
+                elif not p.is_file():
                     report.add(f"songs.{name}.missing_file", f"song {df.song_id[i]} ({v})")
                     v = None
             paths.append(v or None)
@@ -280,10 +293,10 @@ def validate_interactions(
 
 def validate_catalog(
     songs: pd.DataFrame, users: pd.DataFrame, interactions: pd.DataFrame, media_root: Path | None = None,
-    max_text_chars: int | None = None,
+    max_text_chars: int | None = None, media_roots: Sequence[str | Path] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, ValidationReport]:
     report = ValidationReport()
-    songs = validate_songs(songs, report, media_root, max_text_chars)
+    songs = validate_songs(songs, report, media_root, max_text_chars, media_roots)
     users = validate_users(users, report)
     interactions = validate_interactions(interactions, set(songs.song_id), set(users.user_id), report)
     return songs, users, interactions, report
@@ -316,7 +329,10 @@ def load_catalog(directory: str | Path, validate: bool = True) -> Catalog:
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if validate:
-        songs, users, inter, report = validate_catalog(tables["songs"], tables["users"], tables["interactions"], directory)
+        # The media roots the catalog was confined to when it was prepared (its source directory, for a table
+        # catalog whose media stay there), besides the catalog's own directory.
+        songs, users, inter, report = validate_catalog(tables["songs"], tables["users"], tables["interactions"],
+                                                       directory, media_roots=meta.get("media_roots", ()))
     else:
         songs, users, inter, report = tables["songs"], tables["users"], tables["interactions"], ValidationReport()
     return Catalog(songs, users, inter, meta=meta, root=directory, report=report)

@@ -34,17 +34,23 @@ def expand_path(path: str | os.PathLike) -> Path:
 
 
 def decode_text(data: bytes, what: str, report: ValidationReport) -> str:
-    """UTF-8 if the bytes are valid UTF-8, else Latin-1 with the lines that needed it counted in `report`."""
+    """UTF-8, decided line by line: a line that is not valid UTF-8 is decoded as Latin-1 and counted in `report`,
+    and every other line stays UTF-8. (Decoding the whole file as Latin-1 because of one bad line garbled every
+    Chinese, Korean or emoji title in it.)"""
+    if data.startswith(b"\xef\xbb\xbf"):  # spreadsheet exports often start with a BOM
+        data = data[3:]
     try:
-        return data.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
+    lines = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         try:
-            line.decode("utf-8")
+            lines.append(line.decode("utf-8"))
         except UnicodeDecodeError:
             report.add(f"{what}.decoded_as_latin1", f"line {number}")
-    return data.decode("latin-1")
+            lines.append(line.decode("latin-1"))
+    return "\n".join(lines)
 
 
 def read_table_file(path: Path, report: ValidationReport, what: str | None = None) -> pd.DataFrame:
@@ -134,10 +140,12 @@ def load_table_catalog(cfg: CatalogConfig) -> Catalog:
         frames[table] = apply_column_map(df, cfg.column_map, table, path)
     if "users" not in frames:
         frames["users"] = users_from_interactions(frames["interactions"], report)
+    media_roots = [expand_path(r) for r in cfg.media_roots]
     songs, users, inter, vreport = validate_catalog(frames["songs"], frames["users"], frames["interactions"], root,
-                                                        cfg.max_text_chars)
+                                                    cfg.max_text_chars, media_roots)
     merge_reports(report, vreport)
-    meta = {"source": "table", "path": str(root), "column_map": dict(cfg.column_map), "split_time": None}
+    meta = {"source": "table", "path": str(root), "column_map": dict(cfg.column_map), "split_time": None,
+            "media_roots": [str(p.resolve()) for p in (root, *media_roots)]}
     return Catalog(absolutise_media(songs, root), users, inter, meta=meta, root=root, report=report)
 
 

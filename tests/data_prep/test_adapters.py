@@ -205,3 +205,46 @@ def test_max_text_chars_cuts_and_counts_huge_fields(tmp_path):
     assert len(rows.loc["t1", "lyrics"]) == 5000 and rows.loc["t2", "lyrics"] == "short"
     assert [len(c) for c in rows.loc["t1", "comments"]] == [2, 5000]
     assert cat.report.counts["songs.lyrics.truncated"] == 1 and cat.report.counts["songs.comments.truncated"] == 1
+
+
+def test_one_invalid_utf8_line_leaves_every_other_line_utf8(tmp_path):
+    """Defect: one Latin-1 line made the whole songs.csv decode as Latin-1, garbling CJK and emoji titles."""
+    d = write_table_dir(tmp_path / "src")
+    text = ("track,name,band,style\n".encode() + "t1,봄날,BTS,k-pop\n".encode("utf-8")
+            + "t2,Café,Énergie,chillout\n".encode("latin-1") + "t3,夜に駆ける 🌙,YOASOBI,j-pop\n".encode("utf-8"))
+    (d / "songs.csv").write_bytes(text)
+    pd.DataFrame({"uid": ["x"], "track": ["t1"], "played_at": ["2024-01-01T10:00:00Z"],
+                  "plays": [1]}).to_parquet(d / "interactions.parquet")
+    cat = load_source(table_config(d))
+    titles = cat.songs.set_index("song_id")["title"]
+    assert titles["t1"] == "봄날" and titles["t3"] == "夜に駆ける 🌙" and titles["t2"] == "Café"
+    assert cat.report.counts["songs.decoded_as_latin1"] == 1
+
+
+def test_media_paths_outside_the_catalog_directory_are_dropped_and_counted(tmp_path):
+    """Defect: `../../../../etc/passwd` as audio_path was accepted and opened by the feature worker."""
+    d = write_table_dir(tmp_path / "src")
+    (d / "ok.wav").write_bytes(b"RIFF stand-in")
+    elsewhere = tmp_path / "shared-media"
+    elsewhere.mkdir()
+    (elsewhere / "c.png").write_bytes(b"\x89PNG stand-in")
+    (d / "link.wav").symlink_to("/etc/hostname")  # a symlink out of the catalog counts as outside
+    songs = pd.DataFrame({"track": ["t1", "t2", "t3", "t4"], "name": list("ABCD"), "band": list("WXYZ"),
+                          "style": ["rock"] * 4,
+                          "audio_path": ["../../../../etc/passwd", "ok.wav", "link.wav", "/etc/passwd"],
+                          "cover_path": [None, None, str(elsewhere / "c.png"), None]})
+    (d / "songs.csv").unlink()
+    songs.to_csv(d / "songs.csv", index=False)
+    cat = load_source(table_config(d))
+    rows = cat.songs.set_index("song_id")
+    assert rows["audio_path"].isna().tolist() == [True, False, True, True]
+    assert rows["cover_path"].isna().all()  # not under a configured root
+    assert cat.report.counts["songs.audio_path.outside_media_roots"] == 3
+    cfg = table_config(d)
+    cfg.catalog.media_roots = [str(elsewhere)]
+    assert str(load_source(cfg).songs.set_index("song_id").loc["t3", "cover_path"]).endswith("c.png")
+    # prepared into a run directory, the catalog reloads with the media it was confined to (not dropped again)
+    run = open_run_dir(tmp_path / "run")
+    build_catalog(cfg, run, progress=False)
+    reloaded = load_catalog(run.catalog).songs.set_index("song_id")
+    assert str(reloaded.loc["t2", "audio_path"]).endswith("ok.wav") and str(reloaded.loc["t3", "cover_path"]).endswith("c.png")
