@@ -245,15 +245,21 @@ def validate_users(users: pd.DataFrame, report: ValidationReport) -> pd.DataFram
     return df
 
 
+EPOCH_MS_FROM = 1e11  # a Unix time above this is in milliseconds (1e11 s is the year 5138)
+
+
 def _parse_timestamps(values: pd.Series) -> pd.Series:
-    """Datetimes, ISO strings, or numbers as Unix epoch seconds (common in CSV logs); unparseable -> NaT."""
+    """Datetimes, ISO strings, or Unix epoch numbers — seconds, or milliseconds above `EPOCH_MS_FROM` — whether
+    stored as numbers or as digit strings (CSV logs read as text: "1704103200"); unparseable -> NaT."""
     if pd.api.types.is_datetime64_any_dtype(values):
         return pd.to_datetime(values, utc=True)
     numeric = pd.to_numeric(values, errors="coerce")
-    is_num = numeric.notna() & values.map(lambda v: not isinstance(v, str))
-    out = pd.Series(pd.NaT, index=values.index, dtype="datetime64[s, UTC]")
+    is_num = numeric.notna()
+    out = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")  # sub-second values fit; floored later
     if is_num.any():
-        out[is_num] = pd.to_datetime(numeric[is_num], unit="s", utc=True)
+        seconds = numeric[is_num].astype("float64")
+        seconds = seconds.where(seconds.abs() < EPOCH_MS_FROM, seconds / 1000.0)
+        out[is_num] = pd.to_datetime(seconds, unit="s", utc=True)
     rest = ~is_num & values.notna()
     if rest.any():
         out[rest] = pd.to_datetime(values[rest].astype(str), utc=True, errors="coerce", format="mixed")

@@ -120,6 +120,9 @@ def absolutise_media(songs: pd.DataFrame, root: Path) -> pd.DataFrame:
     return songs
 
 
+NO_TIME_AXIS_DATE = pd.Timestamp("2000-01-01", tz="UTC")  # every play of a log without time (catalog.time_axis)
+
+
 def load_table_catalog(cfg: CatalogConfig) -> Catalog:
     """Load and validate a catalog from `cfg.path` (see the module docstring for the layout)."""
     if not cfg.path:
@@ -140,12 +143,18 @@ def load_table_catalog(cfg: CatalogConfig) -> Catalog:
         frames[table] = apply_column_map(df, cfg.column_map, table, path)
     if "users" not in frames:
         frames["users"] = users_from_interactions(frames["interactions"], report)
+    if not cfg.time_axis:  # a log without time: one placeholder date, item hold-out split (llmrec.split)
+        frames["interactions"] = frames["interactions"].assign(timestamp=NO_TIME_AXIS_DATE)
+    elif "timestamp" not in frames["interactions"].columns:
+        raise SchemaError(f"{root}: the interactions have no timestamp column; map one with "
+                          "--set catalog.column_map.interactions.timestamp=<column>, or say that this log has no "
+                          "time axis with --set catalog.time_axis=false")
     media_roots = [expand_path(r) for r in cfg.media_roots]
     songs, users, inter, vreport = validate_catalog(frames["songs"], frames["users"], frames["interactions"], root,
                                                     cfg.max_text_chars, media_roots)
     merge_reports(report, vreport)
     meta = {"source": "table", "path": str(root), "column_map": dict(cfg.column_map), "split_time": None,
-            "media_roots": [str(p.resolve()) for p in (root, *media_roots)]}
+            "media_roots": [str(p.resolve()) for p in (root, *media_roots)], "time_axis": cfg.time_axis}
     return Catalog(absolutise_media(songs, root), users, inter, meta=meta, root=root, report=report)
 
 

@@ -248,3 +248,34 @@ def test_media_paths_outside_the_catalog_directory_are_dropped_and_counted(tmp_p
     build_catalog(cfg, run, progress=False)
     reloaded = load_catalog(run.catalog).songs.set_index("song_id")
     assert str(reloaded.loc["t2", "audio_path"]).endswith("ok.wav") and str(reloaded.loc["t3", "cover_path"]).endswith("c.png")
+
+
+def write_log(d: Path, played_at: list | None) -> None:
+    cols = {"uid": ["x", "x", "y"], "track": ["t1", "t2", "t2"], "plays": [1, 1, 1]}
+    if played_at is not None:
+        cols["played_at"] = played_at
+    (d / "interactions.parquet").unlink()
+    pd.DataFrame(cols).to_csv(d / "interactions.csv", index=False)
+
+
+def test_epoch_seconds_and_milliseconds_are_timestamps(tmp_path):
+    """Defect: integer/epoch timestamps read from a CSV were refused ("'0' is not a timestamp")."""
+    d = write_table_dir(tmp_path / "src")
+    write_log(d, [0, 1704103200, 1704103200500])
+    ts = load_source(table_config(d)).interactions.sort_values("timestamp")["timestamp"].tolist()
+    assert ts == [pd.Timestamp(0, unit="s", tz="UTC"), pd.Timestamp("2024-01-01T10:00:00Z"),
+                  pd.Timestamp("2024-01-01T10:00:00Z")]  # the milliseconds floored to the second
+
+
+def test_a_log_without_time_axis_gets_the_item_holdout_split(tmp_path):
+    from llmrec.split import split_catalog
+
+    d = write_table_dir(tmp_path / "src")
+    write_log(d, None)
+    cfg = table_config(d, {k: v for k, v in COLUMN_MAP.items() if k != "interactions.timestamp"})
+    with pytest.raises(SchemaError, match="catalog.time_axis=false"):
+        load_source(cfg)
+    cfg.catalog.time_axis = False
+    cat = load_source(cfg)
+    assert cat.meta["time_axis"] is False and cat.interactions["timestamp"].nunique() == 1
+    assert split_catalog(cat).kind == "item_holdout"
