@@ -36,6 +36,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmrec.config import Config
 from llmrec.io import RunDir
@@ -128,14 +129,21 @@ class BodyLimit:
     """ASGI middleware: refuse bodies over `limit` bytes with 413, from Content-Length or while streaming
     (a chunked upload without a length is cut off as soon as it passes the limit)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, observe=None):
+        # observe(path, status): counts the refusals in /metrics (this middleware answers before the route's own
+        # accounting runs)
+        self.app, self.limit, self.observe = app, limit, observe or (lambda path, status: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = error(413, f"request body over {self.limit} bytes (serve.max_body_bytes)")
+        refuse = error(413, f"request body over {self.limit} bytes (serve.max_body_bytes)")
+
+        async def too_big(scope, receive, send):
+            self.observe(scope["path"], 413)
+            await refuse(scope, receive, send)
+
         try:
             if length is not None and int(length) > self.limit:
                 return await too_big(scope, receive, send)
@@ -204,6 +212,8 @@ async def read_json(request: Request) -> dict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError("body", f"malformed JSON ({e})", 400) from None
+    except RecursionError:  # e.g. 100k nested brackets: a client error, not a 500 with a traceback per request
+        raise RequestError("body", "JSON nested too deeply", 400) from None
     if not isinstance(data, dict):
         raise RequestError("body", "expected a JSON object")
     return data
@@ -472,6 +482,12 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="llmrec", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.llmrec = state
     m = state.metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette's own 404/405 in the documented shape ({"error": {...}}), not FastAPI's {"detail": ...}
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
     m.gauge("llmrec_queue_items", "Items waiting for the engine.", state.batched.queued)
     m.gauge("llmrec_index_songs", "Songs in the ANN index.", lambda: len(state.index))
     m.gauge("llmrec_engine_batches_total", "Engine calls by operation.",
@@ -540,7 +556,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=state.cfg.serve.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimit, limit=state.cfg.serve.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=state.cfg.serve.max_body_bytes,
+                       observe=lambda path, status: m.observe(path if path in ROUTES else "other", status, 0.0))
     app.add_middleware(LoadShed, state=state)  # added last = runs first
     return app
 

@@ -312,7 +312,12 @@ def test_bad_parameters_malformed_bodies_and_the_server_keeps_serving(client, st
         "not a usable image")
     err(client.post("/v1/embeddings", data={"input": json.dumps(NEW_SONG), "evil": "1"}), 422, "evil",
         "unknown form field")
-    assert client.get("/v1/embeddings").status_code == 405
+    # Starlette's own 405/404 in the documented shape, not {"detail": ...}
+    err(client.get("/v1/embeddings"), 405, None, "Method Not Allowed")
+    err(client.get("/v2/nope"), 404, None, "Not Found")
+    # 100k nested brackets: a 400 naming the problem, not a 500 with a RecursionError traceback per request
+    err(client.post("/v1/embeddings", content=b"[" * 100_000 + b"]" * 100_000,
+                    headers={"content-type": "application/json"}), 400, "body", "nested too deeply")
     assert client.get("/health").status_code == 200
     assert client.post("/v1/embeddings", json={"input": some}).status_code == 200
 
@@ -329,6 +334,11 @@ def test_body_limit_refuses_10mb(client):
     err(client.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"}), 413, None,
         "serve.max_body_bytes")
     assert client.get("/health").status_code == 200
+    # both refusals are counted in /metrics (BodyLimit answers before the route's own accounting)
+    metrics = client.get("/metrics").text
+    line = next(x for x in metrics.splitlines()
+                if x.startswith('llmrec_requests_total{endpoint="/v1/embeddings",status="413"}'))
+    assert float(line.split()[-1]) >= 2
 
 
 def test_limits_follow_the_config(state):
