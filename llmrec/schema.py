@@ -73,6 +73,8 @@ class ValidationReport:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
+    # every row left out of the catalog: {"table", "row", "field", "value", "reason"} (not only the first few)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, kind: str, where: str) -> None:
         self.counts[kind] += 1
@@ -80,8 +82,15 @@ class ValidationReport:
         if len(ex) < self.max_examples:
             ex.append(where)
 
+    def reject(self, table: str, row: int, name: str, value: Any, reason: str) -> None:
+        """Leave row `row` of `table` out of the catalog, counted and listed with its field, value and reason."""
+        text = value if isinstance(value, str) or value is None else repr(value)
+        self.add(f"{table}.rejected.{name}", f"row {row}")
+        self.rejected.append({"table": table, "row": int(row), "field": name,
+                              "value": text if text is None else text[:200], "reason": reason})
+
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "examples": self.examples}
+        return {"counts": dict(self.counts), "examples": self.examples, "rejected_rows": self.rejected}
 
     def summary(self) -> str:
         if not self.counts:
@@ -159,19 +168,22 @@ def _check_columns(df: pd.DataFrame, table: str) -> pd.DataFrame:
     return df[[f.name for f in SCHEMAS[table]]].reset_index(drop=True)
 
 
-def _check_ids(df: pd.DataFrame, table: str, col: str) -> None:
+def _bad_ids(df: pd.DataFrame, table: str, col: str, report: ValidationReport) -> np.ndarray:
+    """Bool per row: an empty/non-string id, or a repeat of an id an earlier row has (the first one is kept)."""
+    bad = np.zeros(len(df), dtype=bool)
     for row, v in enumerate(df[col]):
         if not isinstance(v, str) or not v.strip():
-            raise SchemaError(f"{table} row {row}: field {col!r} = {v!r} must be a non-empty string id")
-    dup = df[col][df[col].duplicated(keep=False)]
-    if len(dup):
-        first = dup.iloc[0]
-        rows = list(dup.index[dup == first])
-        raise SchemaError(f"{table}: duplicate {col} {first!r} at rows {rows} ({dup.nunique()} duplicated id(s) in all)")
+            report.reject(table, row, col, v, "not a non-empty string id")
+            bad[row] = True
+    dup = df[col].duplicated(keep="first").to_numpy() & ~bad
+    for row in np.flatnonzero(dup):
+        first = int(np.flatnonzero((df[col] == df[col].iloc[row]).to_numpy())[0])
+        report.reject(table, row, col, df[col].iloc[row], f"duplicate id (first at row {first}, kept)")
+    return bad | dup
 
 
 def _ids_to_str(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    """Integer ids (common in CSV sources) become strings; anything else is left for _check_ids to reject."""
+    """Integer ids (common in CSV sources) become strings; anything else is left for _bad_ids to reject."""
     for col in cols:
         df[col] = [str(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in df[col]]
     return df
@@ -199,14 +211,15 @@ def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Pa
     `media_roots` (`catalog.media_roots`); any other path, `../../etc/passwd` included, is dropped and counted,
     so no later stage opens it."""
     df = _ids_to_str(_check_columns(songs, "songs"), ["song_id"])
-    _check_ids(df, "songs", "song_id")
+    bad = _bad_ids(df, "songs", "song_id", report)
     for name in TEXT_FIELDS["songs"]:
         df[name] = [_cut(_clean_text(v, "songs", i, name, report), max_text_chars, f"row {i}", report,
                          f"songs.{name}.truncated") for i, v in enumerate(df[name])]
     for name in ("title", "artist"):
         for i, v in enumerate(df[name]):
-            if v is None or not v.strip():
-                raise SchemaError(f"songs row {i} (song_id {df.song_id[i]!r}): field {name!r} is empty")
+            if (v is None or not v.strip()) and not bad[i]:
+                report.reject("songs", i, name, v, "empty")
+                bad[i] = True
     for name in LIST_FIELDS["songs"]:
         df[name] = [[_cut(t, max_text_chars, f"row {i}", report, f"songs.{name}.truncated")
                      for t in _as_list(v, "songs", i, name, report)] for i, v in enumerate(df[name])]
@@ -218,7 +231,10 @@ def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Pa
         try:
             dates.append(pd.Timestamp(v).date())
         except (ValueError, TypeError):
-            raise SchemaError(f"songs row {i} (song_id {df.song_id[i]!r}): field 'release_date' = {v!r} is not a date") from None
+            dates.append(None)
+            if not bad[i]:
+                report.reject("songs", i, "release_date", v, "not a date")
+                bad[i] = True
     df["release_date"] = dates
     roots = [Path(r).resolve() for r in ([media_root] if media_root is not None else []) + list(media_roots)]
     for name in ("audio_path", "cover_path"):
@@ -235,14 +251,14 @@ def validate_songs(songs: pd.DataFrame, report: ValidationReport, media_root: Pa
                     v = None
             paths.append(v or None)
         df[name] = paths
-    return df
+    return df[~bad].reset_index(drop=True)
 
 
 def validate_users(users: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
     df = _ids_to_str(_check_columns(users, "users"), ["user_id"])
-    _check_ids(df, "users", "user_id")
+    bad = _bad_ids(df, "users", "user_id", report)
     df["country"] = [_clean_text(v, "users", i, "country", report) for i, v in enumerate(df["country"])]
-    return df
+    return df[~bad].reset_index(drop=True)
 
 
 EPOCH_MS_FROM = 1e11  # a Unix time above this is in milliseconds (1e11 s is the year 5138)
@@ -271,16 +287,12 @@ def validate_interactions(
 ) -> pd.DataFrame:
     df = _ids_to_str(_check_columns(inter, "interactions"), ["user_id", "song_id"])
     ts = _parse_timestamps(df["timestamp"])
-    bad = ts.isna()
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise SchemaError(
-            f"interactions row {i}: field 'timestamp' = {df['timestamp'][i]!r} is not a timestamp "
-            f"({int(bad.sum())} bad row(s) in all)"
-        )
+    keep = ts.notna().to_numpy().copy()
+    for i in np.flatnonzero(~keep):
+        report.reject("interactions", i, "timestamp", df["timestamp"][i],
+                      "not a timestamp (ISO 8601 or Unix epoch; a log without time: catalog.time_axis=false)")
     df["timestamp"] = ts.dt.floor("s")
     pc = pd.to_numeric(df["play_count"].fillna(1), errors="coerce")
-    keep = np.ones(len(df), dtype=bool)
     for i in np.flatnonzero((pc.isna() | (pc < 1)).to_numpy()):
         report.add("interactions.bad_play_count", f"row {i} ({df['play_count'][i]!r})")
         keep[i] = False
@@ -299,12 +311,20 @@ def validate_interactions(
 
 def validate_catalog(
     songs: pd.DataFrame, users: pd.DataFrame, interactions: pd.DataFrame, media_root: Path | None = None,
-    max_text_chars: int | None = None, media_roots: Sequence[str | Path] = (),
+    max_text_chars: int | None = None, media_roots: Sequence[str | Path] = (), strict: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, ValidationReport]:
+    """Validated tables and the report. A bad row (empty or duplicate id, empty title or artist, a date or
+    timestamp that does not parse) is left out and listed in `report.rejected`; with `strict` (`catalog.strict`)
+    any such row rejects the whole catalog, and the error lists every one of them."""
     report = ValidationReport()
     songs = validate_songs(songs, report, media_root, max_text_chars, media_roots)
     users = validate_users(users, report)
     interactions = validate_interactions(interactions, set(songs.song_id), set(users.user_id), report)
+    if strict and report.rejected:
+        shown = "; ".join(f"{r['table']} row {r['row']} {r['field']}={r['value']!r}: {r['reason']}"
+                          for r in report.rejected[:20])
+        more = f" (and {len(report.rejected) - 20} more)" if len(report.rejected) > 20 else ""
+        raise SchemaError(f"catalog.strict: {len(report.rejected)} bad row(s): {shown}{more}")
     return songs, users, interactions, report
 
 

@@ -120,7 +120,7 @@ def load_lastfm_catalog(cfg: CatalogConfig) -> Catalog:
     inter, last_date, dated = build_interactions(plays, tagged)
     users = pd.DataFrame({"user_id": "u" + pd.Series(pd.unique(plays["userID"]))})
     songs, users, inter, vreport = validate_catalog(songs, users, inter, media_root=None,
-                                                 max_text_chars=cfg.max_text_chars)
+                                                 max_text_chars=cfg.max_text_chars, strict=cfg.strict)
     merge_reports(report, vreport)
     meta = {
         "source": "lastfm",

@@ -88,7 +88,7 @@ def load_nowplaying_catalog(cfg: CatalogConfig) -> Catalog:
     inter = build_interactions(events)
     users = pd.DataFrame({"user_id": pd.unique(inter["user_id"])})
     songs, users, inter, vreport = validate_catalog(songs, users, inter, media_root=None,
-                                                 max_text_chars=cfg.max_text_chars)
+                                                 max_text_chars=cfg.max_text_chars, strict=cfg.strict)
     merge_reports(report, vreport)
     meta = {
         "source": "nowplaying",

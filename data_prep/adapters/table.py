@@ -151,7 +151,7 @@ def load_table_catalog(cfg: CatalogConfig) -> Catalog:
                           "time axis with --set catalog.time_axis=false")
     media_roots = [expand_path(r) for r in cfg.media_roots]
     songs, users, inter, vreport = validate_catalog(frames["songs"], frames["users"], frames["interactions"], root,
-                                                    cfg.max_text_chars, media_roots)
+                                                    cfg.max_text_chars, media_roots, cfg.strict)
     merge_reports(report, vreport)
     meta = {"source": "table", "path": str(root), "column_map": dict(cfg.column_map), "split_time": None,
             "media_roots": [str(p.resolve()) for p in (root, *media_roots)], "time_axis": cfg.time_axis}

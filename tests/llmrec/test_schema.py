@@ -53,27 +53,42 @@ def test_wrong_type_names_row_and_field():
     songs.loc[1, "title"] = 42
     with pytest.raises(SchemaError, match=r"songs row 1: field 'title' = 42 is not text"):
         validate_catalog(songs, users, inter)
+
+
+def bad_row_tables():
+    """One of each bad row: a bad date, a duplicate id, a whitespace-only title, an empty user id, a bad timestamp."""
     songs, users, inter = good_tables()
-    inter["timestamp"] = inter["timestamp"].astype(object)
+    songs = pd.concat([songs, pd.DataFrame({"song_id": ["d", "a", "e"], "title": ["D", "A again", "  "],
+                                            "artist": ["X", "X", "Y"], "release_date": ["31/31/2024", None, None]})],
+                      ignore_index=True)
+    users = pd.DataFrame({"user_id": ["u1", "u2", " "]})
+    inter = inter.astype({"timestamp": object})
     inter.loc[2, "timestamp"] = "yesterday"
-    with pytest.raises(SchemaError, match=r"interactions row 2: field 'timestamp' = 'yesterday'"):
-        validate_catalog(songs, users, inter)
-    songs, users, inter = good_tables()
-    songs["release_date"] = songs["release_date"].astype(object)
-    songs.loc[0, "release_date"] = "not a date"
-    with pytest.raises(SchemaError, match=r"songs row 0 \(song_id 'a'\): field 'release_date'"):
-        validate_catalog(songs, users, inter)
+    return songs, users, inter
 
 
-def test_duplicate_and_empty_ids_are_errors():
-    songs, users, inter = good_tables()
-    songs.loc[2, "song_id"] = "a"
-    with pytest.raises(SchemaError, match=r"songs: duplicate song_id 'a' at rows \[0, 2\]"):
-        validate_catalog(songs, users, inter)
-    songs, users, inter = good_tables()
-    users.loc[1, "user_id"] = " "  # whitespace-only
-    with pytest.raises(SchemaError, match=r"users row 1: field 'user_id'"):
-        validate_catalog(songs, users, inter)
+def test_bad_rows_are_left_out_counted_and_every_one_listed():
+    """#21: one bad row no longer rejects the whole catalog; each is a counted skip, listed with its field, value
+    and reason."""
+    songs, users, inter = bad_row_tables()
+    s, u, i, report = validate_catalog(songs, users, inter)
+    assert list(s.song_id) == ["a", "b", "c"] and list(u.user_id) == ["u1", "u2"] and len(i) == 2
+    rows = {(r["table"], r["row"], r["field"]): r for r in report.rejected}
+    assert set(rows) == {("songs", 3, "release_date"), ("songs", 4, "song_id"), ("songs", 5, "title"),
+                         ("users", 2, "user_id"), ("interactions", 2, "timestamp")}
+    assert rows[("songs", 3, "release_date")]["value"] == "31/31/2024"
+    assert "duplicate id (first at row 0, kept)" in rows[("songs", 4, "song_id")]["reason"]
+    assert "catalog.time_axis=false" in rows[("interactions", 2, "timestamp")]["reason"]
+    assert report.counts["songs.rejected.title"] == 1 and report.to_dict()["rejected_rows"] == report.rejected
+
+
+def test_strict_rejects_the_catalog_and_lists_every_bad_row():
+    songs, users, inter = bad_row_tables()
+    with pytest.raises(SchemaError, match=r"catalog.strict: 5 bad row\(s\)") as e:
+        validate_catalog(songs, users, inter, strict=True)
+    for part in ("songs row 3 release_date='31/31/2024'", "songs row 4 song_id='a'", "songs row 5 title=",
+                 "users row 2 user_id=' '", "interactions row 2 timestamp='yesterday'"):
+        assert part in str(e.value), part
 
 
 def test_unknown_ids_and_bad_counts_are_skipped_counted_and_named():
