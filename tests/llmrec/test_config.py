@@ -45,7 +45,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown preset 'huge'; choose one of \['base', 'quick', 'small', 'tiny'\]"):
         load_config(preset="huge")
-    with pytest.raises(ConfigError, match="unknown preset 'small\+quick'"):  # an add-on, not a preset of its own
+    with pytest.raises(ConfigError, match=r"unknown preset 'small\+quick'"):  # an add-on, not a preset of its own
         load_config(preset="small+quick")
 
 
