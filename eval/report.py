@@ -574,8 +574,9 @@ def evaluate_models(models: dict[str, Recommender], data: EvalData, ks: list[int
     per_user: dict[str, dict[str, np.ndarray]] = {name: {} for name in SLICES}
     for model_name, model in models.items():
         t0 = time.perf_counter()
-        lists = dict(zip(SLICES, rank_users(model, data.train, users, max(ks),
-                                            [slices[name][1] for name in SLICES], data.order)))
+        # one top-k per distinct candidate set (`all` and `warm` both rank the whole catalogue)
+        whole, known, cold = rank_users(model, data.train, users, max(ks), [None, data.warm, data.cold], data.order)
+        lists = {"all": whole, "warm": whole, "warm-known": known, "cold": cold}
         for slice_name, (test, cand) in slices.items():
             if test.nnz == 0:
                 results[slice_name][model_name] = {"empty": True, "n_users": 0, "n_users_skipped": test.shape[0]}
