@@ -418,8 +418,13 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
     for name, vectors, tower in (("llmrec", llm, user_tower), ("mm2cf", raw, user_tower)):
         if vectors is None:
             continue
-        _search(name, [{"alpha": a} for a in RIDGE_ALPHAS], lambda p: llmrec_model(vectors, "cf", als, p["alpha"]),
-                cold_score, tuned)
+        # The ridge strength of the CF tower: llmrec's is used by `llmrec-cf` whatever the tower; mm2cf's only
+        # when mm2cf itself is scored with the CF tower (the history tower has no knob).
+        if name == "llmrec" or tower == "cf":
+            _search(name, [{"alpha": a} for a in RIDGE_ALPHAS],
+                    lambda p: llmrec_model(vectors, "cf", als, p["alpha"]), cold_score, tuned)
+        else:
+            tuned.params[name] = dict(DEFAULTS["llmrec"])
         content = CachedScores(llmrec_model(vectors, tower, als, tuned.params[name]["alpha"], d.histories
                                             ).fit(d.train), users, d.train)
         hybrid = HYBRID_OF[name]
@@ -437,9 +442,10 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
             _tune_tail(tuned, d, als, cf, content, tail_ndcg_budget)
     if progress:
         for name, params in tuned.params.items():
-            chosen = next((r for r in tuned.log[name] if all(r.get(k, v) == v for k, v in params.items())), {})
+            log = tuned.log.get(name, [])  # empty for a knob that was not searched (mm2cf's alpha, history tower)
+            chosen = next((r for r in log if all(r.get(k, v) == v for k, v in params.items())), {})
             figures = ", ".join(f"{k[6:]} {v:.4f}" for k, v in chosen.items() if k.startswith("valid_"))
-            print(f"  tuned {name} ({len(tuned.log[name])} settings): {params}, validation {figures}")
+            print(f"  tuned {name} ({len(log)} settings): {params}, validation {figures}")
     return tuned
 
 

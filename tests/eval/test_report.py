@@ -421,3 +421,14 @@ def test_split_catalog_uses_item_holdout_for_catalogs_without_a_time_axis(synthe
     assert split_catalog(synthetic_catalog, "item_holdout").kind == "item_holdout"
     with pytest.raises(ValueError, match="item_holdout"):
         split_catalog(synthetic_catalog, "nope")
+
+
+def test_mm2cf_ridge_strength_is_searched_only_when_its_tower_uses_it(synthetic_catalog, eval_cfg):
+    split = split_catalog(synthetic_catalog, eval_cfg.eval.split, eval_cfg.eval.valid_days)
+    inner = tuning_split(split, eval_cfg.seed)
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(len(synthetic_catalog.songs), 8)).astype(np.float32)
+    history = rep.tune(synthetic_catalog, inner, raw, None, 0, True, user_tower="history", raw=raw)
+    assert "mm2cf" not in history.log and history.params["mm2cf"] == rep.DEFAULTS["llmrec"]
+    cf = rep.tune(synthetic_catalog, inner, raw, None, 0, False, user_tower="cf", raw=raw)
+    assert len(cf.log["mm2cf"]) == len(rep.RIDGE_ALPHAS)
