@@ -52,7 +52,8 @@ class CatalogConfig:
     column_map: dict[str, str] = field(default_factory=dict)  # schema field -> column name in the source table
     max_text_chars: int = 20000  # lyrics/comments longer than this are cut (and counted) at load time
     # A bad row (empty or duplicate id, empty title/artist, unparseable date or timestamp) is left out, counted and
-    # listed in catalog/validation.json ("rejected_rows"); strict: any such row rejects the whole catalog instead.
+    # listed in catalog/validation.json ("rejected_rows"); strict: any such row rejects the whole catalog instead
+    # (the error counts them and names the first 20).
     strict: bool = False
     # false: the interaction log has no usable time axis (ratings, playlist membership, #nowplaying): every play
     # gets one placeholder date, and the evaluation holds out songs and plays at random (llmrec.split).
