@@ -109,14 +109,19 @@ def encoder_feature_vectors(features_dir, song_ids: np.ndarray) -> dict[str, np.
     return out
 
 
-def modality_ablation(run, song_ids: np.ndarray, text: np.ndarray, llm: dict[str, np.ndarray]) -> dict:
-    """Probe every embedding set of a run against its ground-truth attributes, or say why it was skipped."""
+def run_encoder_vectors(run, song_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """`encoder_feature_vectors` of the run's features stage, or {} when it has not run."""
+    return encoder_feature_vectors(run.features, song_ids) if (run.features / "manifest.json").is_file() else {}
+
+
+def modality_ablation(run, song_ids: np.ndarray, text: np.ndarray, llm: dict[str, np.ndarray],
+                      media: dict[str, np.ndarray] | None = None) -> dict:
+    """Probe every embedding set of a run against its ground-truth attributes, or say why it was skipped. `media`:
+    the run's `run_encoder_vectors`, when the caller already has them (read from the run otherwise)."""
     path = run.catalog / "song_attributes.parquet"
     if not path.is_file():
         return {"skipped": "no ground-truth song attributes (only the synthetic catalog has them)"}
     if "llmrec" not in llm:
         return {"skipped": "llmrec is not trained in this run"}
-    vectors = {"text": text, **llm}
-    if (run.features / "manifest.json").is_file():
-        vectors.update(encoder_feature_vectors(run.features, song_ids))
+    vectors = {"text": text, **llm, **(run_encoder_vectors(run, song_ids) if media is None else media)}
     return attribute_probes(vectors, song_ids, pd.read_parquet(path))

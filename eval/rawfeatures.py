@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from eval.ablation import encoder_feature_vectors
-
 
 def standardised_block(x: np.ndarray, present: np.ndarray) -> np.ndarray:
     """Rows of `x` z-scored per dimension over the `present` rows, divided by sqrt(width); absent rows are 0."""
@@ -34,14 +32,13 @@ def concat_blocks(blocks: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([standardised_block(b, np.abs(b).sum(1) > 0) for b in blocks.values()], axis=1)
 
 
-def raw_feature_vectors(run, song_ids: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, str]:
-    """(vectors aligned with `song_ids`, a sentence saying what went in). The text block is always in: llmrec
-    reads the song text in its prompt whether or not the sentence features are fused into its head. Without a
-    features stage there are no media features: mm2cf is then the text features alone, and says so."""
+def raw_feature_vectors(text: np.ndarray, media: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    """(vectors aligned with the catalogue, a sentence saying what went in) from the text features and the run's
+    pooled encoder features (`eval.ablation.run_encoder_vectors`). The text block is always in: llmrec reads the
+    song text in its prompt whether or not the sentence features are fused into its head. Without a features stage
+    there are no media features: mm2cf is then the text features alone, and says so."""
     blocks = {"text": text}
-    if (run.features / "manifest.json").is_file():
-        media = encoder_feature_vectors(run.features, song_ids)
-        blocks.update({name.split()[0]: x for name, x in media.items() if (np.abs(x).sum(1) > 0).any()})
+    blocks.update({name.split()[0]: x for name, x in media.items() if (np.abs(x).sum(1) > 0).any()})
     widths = ", ".join(f"{name} {x.shape[1]}-d" for name, x in blocks.items())
     return concat_blocks(blocks), (f"ridge map from the raw features llmrec is given ({widths}; each block "
                                    f"standardised, equal variance) to ALS item factors, scored like llmrec")

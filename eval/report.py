@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from eval.ablation import ablation_markdown, modality_ablation, plot_ablation
+from eval.ablation import ablation_markdown, modality_ablation, plot_ablation, run_encoder_vectors
 from eval.baselines import ALS, BPR, ContentKNN, ItemKNN, MostPop, RandomRec, Recommender, RidgeContentToCF
 from eval.rawfeatures import raw_feature_vectors
 from eval.served import ServedRanking, history_indices
@@ -667,7 +667,8 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     if missing_text:
         notes.append(f"text: {missing_text} catalogue songs have no text features (they score 0)")
     llm = load_llm_vectors(run, data.song_ids, notes)
-    raw, raw_source = raw_feature_vectors(run, data.song_ids, text)
+    media = run_encoder_vectors(run, data.song_ids)  # pooled once: for mm2cf and the ablation probes
+    raw, raw_source = raw_feature_vectors(text, media)
     notes.append(f"mm2cf (the no-LLM bar): {raw_source}")
     notes.append(served_note(cfg.eval.user_tower))
     t_tune = time.perf_counter()
@@ -685,7 +686,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     t_reasons = time.perf_counter() - t_reasons
     if reasons.get("skipped"):
         notes.append(f"reasons: {reasons['skipped']}")
-    ablation = modality_ablation(run, data.song_ids, text, llm)
+    ablation = modality_ablation(run, data.song_ids, text, llm, media)
     report = {
         "dataset": catalog.meta.get("dataset") or catalog.meta.get("source") or "unknown",
         "item_kind": catalog.meta.get("item_kind", "song"),
