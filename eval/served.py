@@ -8,7 +8,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from eval.baselines import Recommender
-from llmrec.ranking import HISTORY_FOR_QUERY, centred_unit, history_query, recent_histories
+from llmrec.ranking import HISTORY_FOR_QUERY, catalogue_center, centred_unit, history_query, recent_histories
 
 
 def history_indices(train_df: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray) -> list[np.ndarray]:
@@ -30,9 +30,7 @@ class ServedRanking(Recommender):
 
     def __init__(self, item_vectors: np.ndarray, histories: list[np.ndarray]):
         self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
-        present = np.abs(self.item_vectors).sum(1) > 0
-        self.center = self.item_vectors[present].mean(0) if present.sum() > 1 else np.zeros(
-            self.item_vectors.shape[1], np.float32)
+        self.center = catalogue_center(self.item_vectors)
         self._items = centred_unit(self.item_vectors, self.center)
         self.histories = histories
 

@@ -32,6 +32,14 @@ def recent_histories(interactions: pd.DataFrame, users: Iterable[str] = ()) -> d
     return out
 
 
+def catalogue_center(vectors: np.ndarray) -> np.ndarray:
+    """The catalogue's mean embedding over the songs that have one (all-zero rows are songs without), zeros for
+    fewer than two: what the index removes before indexing and searching."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    present = np.abs(vectors).sum(1) > 0
+    return vectors[present].mean(0) if present.sum() > 1 else np.zeros(vectors.shape[1], np.float32)
+
+
 def centred_unit(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
     """Rows with the catalogue mean removed, unit norm (what the faiss index holds and queries)."""
     v = np.asarray(vectors, dtype=np.float32) - center

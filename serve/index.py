@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from llmrec.io import MissingArtefactError, atomic_dir
-from llmrec.ranking import centred_unit
+from llmrec.ranking import catalogue_center, centred_unit
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, EMB_FILE, META_FILE, CENTER_FILE = "songs.faiss", "embeddings.npy", "index.json", "center.npy"
@@ -93,7 +93,7 @@ class SongIndex:
         emb = _check(embeddings, song_ids)
         if len(set(song_ids)) != len(song_ids):
             raise ValueError("song ids are not unique")
-        center = emb.mean(axis=0) if len(emb) > 1 else np.zeros(emb.shape[1], np.float32)
+        center = catalogue_center(emb)
         return cls(build_faiss(centred_unit(emb, center), kind, **params), list(song_ids), emb, bundle_hash, kind,
                    center=center)
 
