@@ -163,7 +163,12 @@ def ablation_summary(report: dict) -> dict | None:
     return {"accuracy": probes["accuracy"], "chance": probes["chance"], "channel": probes["channel"]}
 
 
-REASON_METRICS = ("faithfulness", "hallucination_rate", "unique_share", "distinct_2", "n")
+REASON_METRICS = ("faithfulness", "hallucination_rate", "no_claim_share", "titles_from_history", "unique_share",
+                  "distinct_2", "verified_share", "n")
+
+
+def _share(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def reasons_summary(report: dict) -> dict | None:
@@ -172,6 +177,8 @@ def reasons_summary(report: dict) -> dict | None:
     if r.get("skipped") or "faithfulness" not in r:
         return None
     out = {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in REASON_METRICS if k in r}
+    out["from_model"] = (r.get("sources") or {}).get("model")
+    out["model_greedy_faithfulness"] = (r.get("model_greedy") or {}).get("faithfulness")
     print("reasons: " + ", ".join(f"{k} {v}" for k, v in out.items()))
     return out
 
@@ -271,9 +278,12 @@ def results_markdown(result: dict) -> str:
                     f"{v['ndcg@20_change_vs_als']:+.1%} vs ALS." for m, v in tail.items() if isinstance(v, dict)]
         reasons = d.get("reasons")
         if reasons:
-            out += ["", f"Generated reasons ({reasons.get('n')} held-out plays, greedy): faithfulness "
-                        f"{reasons['faithfulness']:.3f}, hallucination rate {reasons['hallucination_rate']:.3f}, "
-                        f"unique share {reasons['unique_share']:.3f}, distinct-2 {reasons['distinct_2']:.3f}."]
+            out += ["", f"Reasons as served ({reasons.get('n')} held-out plays, checked against the evidence): "
+                        f"faithfulness {reasons['faithfulness']:.3f}, hallucination rate "
+                        f"{reasons['hallucination_rate']:.3f}, no checkable claim {reasons['no_claim_share']:.3f}, "
+                        f"unique share {reasons['unique_share']:.3f}; written by the model "
+                        f"{_share(reasons.get('from_model'))}, the model's greedy answer alone faithfulness "
+                        f"{_share(reasons.get('model_greedy_faithfulness'))}."]
         mods = d.get("cold_modalities")
         if mods:
             out += ["", "Cold recall@20 by modality (the trained model with the others shown as missing):", "",

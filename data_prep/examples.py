@@ -3,7 +3,7 @@
 ```
 examples/stage1/   {song_id, prompt, answer, audio_song_ids, cover_song_ids}          one caption per song
 examples/stage2/   {user_id, song_id, timestamp, history_song_ids, history_timestamps, prompt, answer,
-                    shared_attributes, audio_song_ids, cover_song_ids}                 recommendation reasons
+                    evidence, audio_song_ids, cover_song_ids}                          recommendation reasons
 examples/pairs/    {song_id, cf_factor, pos_song_id}                                  CF alignment + co-listening
 examples/meta.json counts, skips, sanitiser stats, the split, the prompt/example config
 ```
@@ -15,10 +15,10 @@ with `examples.hold_out_tuning_plays: false`, e.g. for a final production model 
 Stage-1 captions use song content only, and by default leave out cold songs (first play at/after the split time, or
 released at/after it), so the cold-start slice stays unseen.
 
-Answers are grounded: on the synthetic catalog they come from the ground truth in `song_attributes.parquet` (audio
-attributes only when the song has audio, mood only when it has a cover); on real catalogs from genres and the
-artist only. A stage-2 reason names only attributes the candidate really shares with a history song that the
-prompt shows (and names that song by title); `shared_attributes` lists exactly those claims, as `key=value`.
+Answers are grounded. Stage-1 captions: on the synthetic catalog from the ground truth in `song_attributes.parquet`
+(audio attributes only when the song has audio, mood only when it has a cover); on real catalogs from genres and
+the artist only. Stage-2 reasons state only evidence the prompt lists (`llmrec.evidence`); `evidence` holds those
+items as JSON, one per string.
 """
 from __future__ import annotations
 
@@ -36,12 +36,11 @@ from llmrec.config import Config
 from llmrec.io import RunDir, atomic_dir, atomic_write_json
 from llmrec.schema import Catalog, load_catalog
 from llmrec.split import Split, positive_plays, split_catalog, tuning_split
-from llmrec.text import SongText, build_stage1_prompt, build_stage2_prompt, history_title, sanitize_song, song_media
+from llmrec.evidence import EvidenceBuilder, phrase, reason_prompt
+from llmrec.text import SongText, build_stage1_prompt, sanitize_song, song_media
 
-# Attributes a reason may claim, in the order they are preferred when more than three are shared, and the
-# modality a model needs to perceive each one (a claim about audio needs audio on both songs).
-REASON_KEYS = ("genre", "instrument", "tempo_class", "mood", "artist")
-MAX_CLAIMS = 3
+# The modality a model needs to perceive each caption attribute (a caption states audio attributes only when the
+# song has audio, mood only when it has a cover).
 NEEDS = {"tempo_class": "audio", "instrument": "audio", "mode": "audio", "mood": "cover"}
 TEMPO_WORDS = {"slow": "slow", "medium": "mid-tempo", "fast": "fast"}
 INSTRUMENT_WORDS = {"strings": "string"}
@@ -118,41 +117,6 @@ def caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
     return text
 
 
-def reason(candidate: dict[str, str], history: list[tuple[str, dict[str, str]]],
-           rng: np.random.Generator) -> tuple[str, list[str]]:
-    """A stage-2 answer and its claims. `history` is [(title as shown, visible attributes)] most recent first.
-
-    The anchor is the history song sharing the most reason attributes with the candidate (ties: most recent); the
-    reason names the anchor and at most three attributes it shares. "You keep coming back to" is only said when at
-    least two shown history songs share all the named attributes. With nothing shared, the reason describes the
-    candidate's own attributes and claims nothing about the history."""
-    best: tuple[int, str, list[str]] | None = None
-    for title, attrs in history:
-        shared = [k for k in REASON_KEYS if k in candidate and attrs.get(k) == candidate[k]]
-        if shared and (best is None or len(shared) > best[0]):
-            best = (len(shared), title, shared)
-    if best is None:
-        own = describe(candidate, REASON_KEYS[:-1])
-        text = str(rng.choice(["Something different from your recent plays: {d}.",
-                               "To widen your mix, here is {d}.",
-                               "A fresh pick outside your usual listening: {d}."])).format(d=own)
-        return text, []
-    _, title, shared = best
-    claims = shared[:MAX_CLAIMS]
-    n_match = sum(all(a.get(k) == candidate[k] for k in claims) for _, a in history)
-    plural, singular = describe(candidate, claims, plural=True), describe(candidate, claims)
-    if n_match >= 2:
-        templates = ['Recommended because you keep coming back to {p} like "{t}", and this is {s} too.',
-                     'You have been playing {p} such as "{t}"; this one is {s} as well.',
-                     'Since "{t}" and other {p} are in your recent plays, here is {s}.']
-    else:
-        templates = ['Recommended because you played "{t}", and this is {s} just like it.',
-                     'You recently enjoyed "{t}"; this is {s} as well.',
-                     'Like "{t}" from your recent plays, this is {s}.']
-    text = str(rng.choice(templates)).format(p=plural, s=singular, t=title)
-    return text, [f"{k}={candidate[k]}" for k in claims]
-
-
 # --------------------------------------------------------------------------------------------------- builders
 
 def _iso(ts: Any) -> str:
@@ -225,10 +189,15 @@ def _user_candidates(g: pd.DataFrame, history_len: int,
     return sorted(out), len(latest) - len(out)
 
 
-def build_stage2(songs: dict[str, SongText], plays: pd.DataFrame, attrs: dict[str, dict[str, str]], cfg: Config,
-                 skipped: Counter, progress: bool = False, time_axis: bool = True) -> list[dict[str, Any]]:
+def build_stage2(songs: dict[str, SongText], plays: pd.DataFrame, cfg: Config, skipped: Counter,
+                 progress: bool = False, time_axis: bool = True) -> list[dict[str, Any]]:
+    """One reason per sampled (user, candidate): the prompt lists the evidence (`llmrec.evidence`: co-listening from
+    these training plays without the user, shared artist/album/genres/tags, the candidate's own facts) and the
+    answer states some of it in varied words (`llmrec.evidence.phrase`), so the model learns to phrase evidence,
+    and every answer passes the server's claim check by construction."""
     rng = np.random.default_rng([cfg.seed, 2])
     train = _positives(plays)
+    builder = EvidenceBuilder(songs, train, prompt_config=cfg.prompt)
     rows = []
     groups = list(train.groupby("user_id", sort=True))
     for user, g in tqdm(groups, desc="stage-2 examples", disable=not progress):
@@ -240,16 +209,14 @@ def build_stage2(songs: dict[str, SongText], plays: pd.DataFrame, attrs: dict[st
             cands = [cands[k] for k in sorted(keep)]
         for i, hist in cands:
             sid, ts = g["song_id"].iat[i], g["timestamp"].iat[i]
-            cand = songs[sid]
-            prompt = build_stage2_prompt([songs[h] for h, _ in hist], cand, config=cfg.prompt)
+            prompt, evidence = reason_prompt(builder, [h for h, _ in hist], sid, user=str(user))
             shown = prompt.history_song_ids
             when = dict(hist)
-            shown_attrs = [(history_title(songs[h], cfg.prompt), _visible(attrs[h], songs[h])) for h in shown]
-            answer, shared = reason(_visible(attrs[sid], cand), shown_attrs, rng)
             rows.append({
                 "user_id": str(user), "song_id": sid, "timestamp": _iso(ts),
                 "history_song_ids": shown, "history_timestamps": [_iso(when[h]) for h in shown],
-                "prompt": prompt.text, "answer": answer, "shared_attributes": shared,
+                "prompt": prompt.text, "answer": phrase(evidence, bool(shown), rng),
+                "evidence": [json.dumps(e.as_json(), ensure_ascii=False) for e in evidence],
                 "audio_song_ids": prompt.audio_song_ids, "cover_song_ids": prompt.cover_song_ids,
             })
     return rows
@@ -324,7 +291,7 @@ def make_examples(catalog: Catalog, cfg: Config, truth: pd.DataFrame | None = No
     stage1 = build_stage1(catalog, songs, split, attrs, cfg, skipped, progress)
     time_axis = catalog.meta.get("time_axis") is not False  # lastfm-2k: timestamps are placeholders
     plays, held_out = training_plays(split, cfg)
-    stage2 = build_stage2(songs, plays, attrs, cfg, skipped, progress, time_axis)
+    stage2 = build_stage2(songs, plays, cfg, skipped, progress, time_axis)
     pairs = build_pairs(plays, cfg, skipped)
     meta = {
         "counts": {"stage1": len(stage1), "stage2": len(stage2), "pairs": len(pairs),
@@ -334,8 +301,9 @@ def make_examples(catalog: Catalog, cfg: Config, truth: pd.DataFrame | None = No
         "sanitizer": dict(sorted(stats.items())),
         "split": split.summary(),
         "tuning_holdout": held_out,
-        "answers_from": ("synthetic ground truth (song_attributes.parquet)" if truth is not None
-                         else "genres and artist"),
+        "answers_from": {"stage1": ("synthetic ground truth (song_attributes.parquet)" if truth is not None
+                                    else "genres and artist"),
+                         "stage2": "evidence (llmrec.evidence)"},
         "config": {"prompt": asdict(cfg.prompt), "examples": asdict(cfg.examples), "seed": cfg.seed},
     }
     return Examples(stage1, stage2, pairs, meta)
@@ -350,7 +318,7 @@ def _features():
                             "audio_song_ids": strings, "cover_song_ids": strings}),
         "stage2": Features({"user_id": Value("string"), "song_id": Value("string"), "timestamp": Value("string"),
                             "history_song_ids": strings, "history_timestamps": strings,
-                            "prompt": Value("string"), "answer": Value("string"), "shared_attributes": strings,
+                            "prompt": Value("string"), "answer": Value("string"), "evidence": strings,
                             "audio_song_ids": strings, "cover_song_ids": strings}),
         "pairs": Features({"song_id": Value("string"), "cf_factor": List(Value("float32")),
                            "pos_song_id": Value("string")}),

@@ -861,8 +861,8 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(out) + "\n"
 
 
-REASON_COLUMNS = ("faithfulness", "hallucination_rate", "claims_per_reason", "unique_share", "distinct_1",
-                  "distinct_2", "mean_words", "degenerate_share")
+REASON_COLUMNS = ("faithfulness", "hallucination_rate", "claims_per_reason", "no_claim_share", "titles_from_history",
+                  "unique_share", "distinct_2", "mean_words", "degenerate_share")
 N_MD_SAMPLES = 5
 
 
@@ -871,39 +871,49 @@ def _num(v: Any) -> str:
 
 
 def reasons_markdown(r: dict) -> list[str]:
-    """The reason-quality section: generated vs the example generator's template reasons, and a few samples."""
+    """The reason-quality section: the reasons the endpoint returns, the model's greedy answers before the claim
+    check, the plain evidence sentences, by kind of claim, and a few samples."""
     out = ["", "## Reasons", ""]
     if r.get("skipped"):
         out.append(f"Not generated: {r['skipped']}.")
-    rows = [(f"llmrec ({r['n']} held-out plays)", r)] if r.get("n") else []
-    if r.get("template", {}).get("n"):
-        rows.append(("template (training-example generator, same plays)", r["template"]))
+    rows = [(f"llmrec as served ({r['n']} held-out plays)", r)] if r.get("n") else []
+    if (r.get("model_greedy") or {}).get("n"):
+        rows.append(("model's greedy answer, before the check", r["model_greedy"]))
+    if (r.get("evidence_sentence") or {}).get("n"):
+        rows.append(("plain evidence sentence (the fallback)", r["evidence_sentence"]))
     if rows:
         out += ["", "| reasons | " + " | ".join(REASON_COLUMNS) + " |", "|---" * (len(REASON_COLUMNS) + 1) + "|"]
         out += [f"| {name} | " + " | ".join(_num(m.get(c)) for c in REASON_COLUMNS) + " |" for name, m in rows]
-        dep = r.get("prompt_dependence") or {}
-        if dep.get("prompt_gain") is not None:
-            out += ["", f"Does the model read its prompt? Answer loss of the template reasons after their own prompt "
-                        f"{dep['answer_loss']:.3f}, after another play's prompt {dep['answer_loss_other_prompt']:.3f} "
-                        f"(gain {dep['prompt_gain']:.3f}; near 0 = the prompt is ignored)."]
-        out += ["", f"Claims (genre, mood, instrument, tempo, key, artist, a quoted history title) checked against "
-                    f"{r.get('ground_truth', 'the catalog')}; faithfulness = true claims / claims, hallucination "
-                    f"rate = reasons with a false claim / reasons."]
+        out += ["", f"Claims (co-listening percentages, artists, albums, genres, tags, keywords, perceived attributes, "
+                    f"quoted titles) checked against {r.get('ground_truth', 'the catalog')}; faithfulness = true "
+                    f"claims / claims, hallucination rate = reasons with a false claim / reasons, no_claim_share = "
+                    f"reasons with nothing checkable beyond a history title."]
+    if r.get("sources"):
+        src = r["sources"]
+        out.append(f"Served: {_num(r.get('verified_share'))} verified; from the model {_num(src.get('model'))}, "
+                   f"the evidence sentence {_num(src.get('evidence'))}, generic {_num(src.get('generic'))} "
+                   f"({r.get('samples_per_reason')} answers checked per reason).")
+    dep = r.get("prompt_dependence") or {}
+    if dep.get("prompt_gain") is not None:
+        out += ["", f"Does the model read its prompt? Answer loss of the evidence sentences after their own prompt "
+                    f"{dep['answer_loss']:.3f}, after another play's prompt {dep['answer_loss_other_prompt']:.3f} "
+                    f"(gain {dep['prompt_gain']:.3f}; near 0 = the prompt is ignored)."]
     if r.get("by_kind"):
-        out += ["", "By kind of claim (llmrec): an attribute claim is true when it holds for the candidate and, in a "
-                    "reason that relates the candidate to a history song, for that song too; the last two columns "
-                    "split the two.", "", "| claim | n | faithfulness | true of the candidate | true of the history "
-                    "song |", "|---|---:|---:|---:|---:|"]
-        out += [f"| {kind} | {m['n']} | {_num(m.get('faithfulness'))} | {_num(m.get('true_on_candidate'))} | "
-                f"{_num(m.get('true_on_history'))} |" for kind, m in r["by_kind"].items()]
+        greedy = (r.get("model_greedy") or {}).get("by_kind", {})
+        out += ["", "By kind of claim:", "", "| claim | n served | faithfulness served | n greedy | faithfulness "
+                "greedy |", "|---|---:|---:|---:|---:|"]
+        for kind in sorted(set(r["by_kind"]) | set(greedy)):
+            m, g = r["by_kind"].get(kind, {}), greedy.get(kind, {})
+            out.append(f"| {kind} | {m.get('n', 0)} | {_num(m.get('faithfulness'))} | {g.get('n', 0)} | "
+                       f"{_num(g.get('faithfulness'))} |")
     if r.get("n"):
-        out.append(f"Greedy generation: {_num(r.get('latency_ms_per_reason'))} ms per reason (batches of "
+        out.append(f"Generation: {_num(r.get('latency_ms_per_reason'))} ms per returned reason (batches of "
                    f"{r.get('batch_size')}, max {r.get('max_new_tokens')} new tokens).")
         out += ["", "Samples (✓ true claim, ✗ false claim):", ""]
         for s in r.get("samples", [])[:N_MD_SAMPLES]:
             claims = ", ".join(f"{'✓' if c['true'] else '✗'} {c['kind']}={c['value']}" for c in s["claims"]) or "none"
             text = " ".join(s["reason"].split()).replace("|", "/")  # one line, no table breaks
-            out.append(f"- {s['user']} → {s['song']}: “{text}” — claims: {claims}")
+            out.append(f"- {s['user']} → {s['song']} ({s.get('reason_source')}): “{text}” — claims: {claims}")
     return out
 
 

@@ -179,6 +179,10 @@ class ServeConfig:
     media_roots: list[str] = field(default_factory=list)
     max_wait_ms: float = 5.0  # dynamic batching: how long the first queued request waits for others
     max_new_tokens: int = 48  # reason length
+    # Verified reasons (serve/reasons.py): the greedy reason plus `reason_samples - 1` sampled at this temperature
+    # are checked against the evidence; the first that holds is returned, else the plain evidence sentence.
+    reason_samples: int = 2
+    reason_temperature: float = 0.8
     max_top_k: int = 100  # /v1/recommendations: largest k a client may ask for
     max_upload_bytes: int = 4 * 1024 * 1024  # per audio/cover upload (decoded size)
     ivf_nlist: int = 0  # IVF cells (0 = 4 * sqrt(songs)); an IVF index needs at least that many songs to train
@@ -236,13 +240,20 @@ class PromptConfig:
 
     history_len: int = 5  # stage 2: most recent distinct history songs shown, one line each
     song_budget: int = 96  # tokens for one song block (stage 1 and the embedding prompt)
-    stage2_budget: int = 128  # tokens for the whole stage-2 prompt; the candidate block gets what history leaves
+    stage2_budget: int = 224  # tokens for the whole stage-2 prompt; the candidate block gets what history and
+    # the evidence lines leave
     max_field_chars: int = 120  # title, artist, album
     max_label_chars: int = 30  # one genre / tag / language label
     max_labels: int = 5  # genres (and extra tags) shown
     max_lyrics_chars: int = 300
     max_comment_chars: int = 160
     max_comments: int = 3
+    # Stage-2 evidence (llmrec.evidence): what a reason may state, listed in the prompt and checked before serving.
+    evidence_items: int = 5  # items shown in the prompt (and checked against); linked items first
+    min_co_listeners: int = 2  # other listeners who played both songs, before co-listening is evidence
+    min_co_listen_share: float = 0.05  # ... and at least this share of the history song's other listeners
+    max_co_listen: int = 2  # co-listening items kept (highest shares), so other kinds of evidence get shown too
+    min_perceived_confidence: float = 0.8  # perceived audio/cover attributes below this are not evidence
 
 
 @dataclass

@@ -38,14 +38,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmrec.claims import ServedReason
 from llmrec.config import Config
 from llmrec.io import RunDir
 from llmrec.model.mm_lm import expand_placeholders
 from llmrec.ranking import HISTORY_FOR_QUERY, history_query, recent_histories
+from llmrec.split import positive_plays
 from serve.batching import BatchedEngine, Overloaded, RequestTimeout
 from serve.engines.base import Engine
 from serve.index import SongIndex, load_index
 from serve.inputs import MediaCodec, RequestError, SongInputs, SongMedia, resolve_media_path
+from serve.reasons import ReasonWriter
 from serve.metrics import Metrics
 
 log = logging.getLogger("llmrec.serve")
@@ -64,6 +67,7 @@ class ServerState:
     inputs: SongInputs
     index: SongIndex
     codec: MediaCodec
+    reasons: ReasonWriter
     model_name: str
     metrics: Metrics = field(default_factory=Metrics)
     api_key: str | None = None
@@ -78,7 +82,7 @@ def user_histories(catalog) -> dict[str, list[str]]:
     return recent_histories(catalog.interactions, catalog.users["user_id"])
 
 
-def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = False) -> SongInputs:
+def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = False, catalog=None) -> SongInputs:
     """The catalogue as the engines see it: songs, media feature rows, text feature rows where the bundle fuses
     them, and (for the server) the users' listening histories."""
     from transformers import AutoTokenizer
@@ -89,7 +93,7 @@ def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = Fal
     from llmrec.schema import load_catalog
 
     mm = read_mm_config(bdir)
-    catalog = load_catalog(run.require(run.catalog, "prepare"))
+    catalog = catalog if catalog is not None else load_catalog(run.require(run.catalog, "prepare"))
     features = load_media_features(run.require(run.features, "features"))
     text = load_text_features(run.features) if mm.text_dim else None
     tokenizer = AutoTokenizer.from_pretrained(bdir / read_bundle_meta(bdir)["lm"])
@@ -100,19 +104,24 @@ def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = Fal
 def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: SongIndex | None = None
                ) -> ServerState:
     """Everything the app serves from a run directory. A stale index is refused here, before binding a port."""
+    from llmrec.schema import load_catalog
     from serve.engines import load_engine
 
     bdir = bundle_dir(run)
     engine = engine or load_engine(bdir, cfg.serve)
     index = index or load_index(run.index, engine.bundle_hash)
-    inputs = song_inputs(cfg, run, bdir, with_histories=True)
+    catalog = load_catalog(run.require(run.catalog, "prepare"))
+    inputs = song_inputs(cfg, run, bdir, with_histories=True, catalog=catalog)
+    # Co-listening evidence counts every positive play the server knows (the histories it serves come from the
+    # same log); the eval counts training plays only.
+    reasons = ReasonWriter(cfg, inputs.songs, positive_plays(catalog.interactions))
     added_media = inputs.load_added_media(run.index) if index.added else {}
     for sid, row in index.added.items():  # songs added after the build, with the media rows they were added with
         inputs.add_song(sid, row, added_media.get(sid) or inputs.empty_media())
     s = cfg.serve
     batched = BatchedEngine(engine, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
                             timeout_s=s.request_timeout_s)
-    return ServerState(cfg, run, engine, batched, inputs, index, MediaCodec(cfg, run.features / "encoders"),
+    return ServerState(cfg, run, engine, batched, inputs, index, MediaCodec(cfg, run.features / "encoders"), reasons,
                        model_name=f"llmrec-{cfg.name}-{engine.bundle_hash[:12]}",
                        api_key=s.api_key or os.environ.get(API_KEY_ENV) or None)
 
@@ -435,10 +444,20 @@ def add_songs(state: ServerState, rows: list[tuple[tuple[dict, SongMedia], np.nd
     state.index.save(state.run.index, extra=state.inputs.save_added_media)
 
 
-async def reasons_for(state: ServerState, history: list[str], song_ids: list[str], max_new_tokens: int) -> list[str]:
-    shown = history[: state.cfg.prompt.history_len]
-    items = [state.inputs.reason_input(shown, sid) for sid in song_ids]
-    return await state.batched.generate(items, max_new_tokens)
+async def reasons_for(state: ServerState, history: list[str], song_ids: list[str], max_new_tokens: int,
+                      user: str | None) -> list[ServedReason]:
+    """Verified reasons (serve/reasons.py): evidence prompts, greedy + sampled answers, the claim check."""
+    plan = state.reasons.plan(history, song_ids, user)
+    # A prompt the model's context cannot hold (+ the answer) is not generated: that candidate gets the plain
+    # evidence sentence instead of failing the whole request.
+    room = state.engine.max_positions - max_new_tokens
+    fits = [i for i, (prompt, _) in enumerate(plan.requests) if prompt_tokens(state, prompt.text) <= room]
+    state.reasons.counts["prompt_too_long"] += len(plan.requests) - len(fits)
+    items = [state.inputs.reason_input(*plan.requests[i]) for i in fits]
+    texts: list[str | None] = [None] * len(plan.requests)
+    for i, text in zip(fits, await state.batched.generate(items, max_new_tokens)):
+        texts[i] = text
+    return state.reasons.finish(plan, texts)
 
 
 async def recommendations(state: ServerState, request: Request) -> dict:
@@ -447,6 +466,7 @@ async def recommendations(state: ServerState, request: Request) -> dict:
     k = int_field(data, "k", 10, 1, state.cfg.serve.max_top_k)
     exclude_seen = bool_field(data, "exclude_seen", True)
     with_reasons = bool_field(data, "reasons", True)
+    with_evidence = bool_field(data, "evidence", False)
     n_tokens = int_field(data, "max_new_tokens", state.cfg.serve.max_new_tokens, 1, state.cfg.serve.max_new_tokens)
     known = [s for s in history if s in state.index.position][:HISTORY_FOR_QUERY]
     if not known:
@@ -454,8 +474,9 @@ async def recommendations(state: ServerState, request: Request) -> dict:
     query = history_query(state.index.vectors(known))  # the report's `llmrec` (eval.user_tower=history) too
     seen = set(history) if exclude_seen else set()
     hits = state.index.search(query, k, [seen])[0]
-    reasons = await reasons_for(state, history, [s for s, _ in hits], n_tokens) if with_reasons and hits else []
-    items = [{"rank": r + 1, **song_card(state, s, sc), **({"reason": reasons[r]} if reasons else {})}
+    reasons = await reasons_for(state, history, [s for s, _ in hits], n_tokens, user) if with_reasons and hits \
+        else []
+    items = [{"rank": r + 1, **song_card(state, s, sc), **(reasons[r].as_json(with_evidence) if reasons else {})}
              for r, (s, sc) in enumerate(hits)]
     return {"object": "list", "data": items, "user_id": user, "history_used": history[: state.cfg.prompt.history_len],
             "model": state.model_name}
@@ -467,8 +488,10 @@ async def explanations(state: ServerState, request: Request) -> dict:
     sid = data.get("song_id")
     state.inputs.song(sid, "song_id")
     n_tokens = int_field(data, "max_new_tokens", state.cfg.serve.max_new_tokens, 1, state.cfg.serve.max_new_tokens)
-    reason = (await reasons_for(state, history, [sid], n_tokens))[0]
-    return {"object": "explanation", "song_id": sid, "user_id": user, "reason": reason, "model": state.model_name}
+    with_evidence = bool_field(data, "evidence", False)
+    reason = (await reasons_for(state, history, [sid], n_tokens, user))[0]
+    return {"object": "explanation", "song_id": sid, "user_id": user, **reason.as_json(with_evidence),
+            "model": state.model_name}
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -499,6 +522,9 @@ def create_app(state: ServerState) -> FastAPI:
             lambda: sum(s["timeouts"] for s in state.batched.stats().values()))
     m.gauge("llmrec_sanitizer_repairs_total", "Repairs made by the text sanitiser on request text, by kind.",
             lambda: {(("kind", k),): v for k, v in state.inputs.stats.items()})
+    m.gauge("llmrec_reasons_total", "Reasons returned by source (model: a verified answer; evidence: the plain "
+            "evidence sentence; generic: no evidence), and answers not generated because the prompt overflowed.",
+            lambda: {(("source", k),): v for k, v in sorted(state.reasons.counts.items())})
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -28,7 +28,7 @@ from data_prep.audio import MediaError, load_audio
 from data_prep.image import load_image
 from llmrec.config import Config
 from llmrec.model.mm_lm import MediaBatch, MMConfig, item_prompt
-from llmrec.text import build_stage2_prompt, sanitize_text
+from llmrec.text import Prompt, sanitize_text
 from serve.engines.base import EngineInput
 from train.collate import media_rows, text_rows
 
@@ -218,15 +218,14 @@ class SongInputs:
                                                   self.cfg.prompt.song_budget)
         return EngineInput(self._prompts[song_id], media_batch([self.media(song_id)], [0], [0], self.mm, [0]))
 
-    def reason_input(self, history_ids: Sequence[str], candidate_id: str) -> EngineInput:
-        """The stage-2 prompt (as `data_prep.examples` builds it) with its media rows in placeholder order."""
-        history = [self.songs[h] for h in history_ids]
-        prompt = build_stage2_prompt(history, self.songs[candidate_id], config=self.cfg.prompt, stats=self.stats)
+    def reason_input(self, prompt: Prompt, sample_seed: int | None = None) -> EngineInput:
+        """A stage-2 prompt (`llmrec.evidence.reason_prompt`, as `data_prep.examples` builds it) with its media rows
+        in placeholder order; `sample_seed` as in `EngineInput`."""
         ids = list(dict.fromkeys(prompt.audio_song_ids + prompt.cover_song_ids))
         rows = [self.media(s) for s in ids]
         pos = {s: i for i, s in enumerate(ids)}
         return EngineInput(prompt.text, media_batch(rows, [pos[s] for s in prompt.audio_song_ids],
-                                                    [pos[s] for s in prompt.cover_song_ids], self.mm))
+                                                    [pos[s] for s in prompt.cover_song_ids], self.mm), sample_seed)
 
     # ------------------------------------------------------------------ new songs
     def new_song(self, data: Mapping[str, Any], field: str) -> dict:

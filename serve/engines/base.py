@@ -29,6 +29,9 @@ class EngineInput:
 
     prompt: str
     media: MediaBatch
+    # None: the greedy answer. A seed: an answer sampled at the engine's `reason_temperature` with that seed (the
+    # server checks several and returns one that holds against the evidence; serve/reasons.py).
+    sample_seed: int | None = None
 
 
 def prompt_token_ids(model: MultimodalLM, prompt: str) -> list[int]:
@@ -83,10 +86,19 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
-        """Greedy continuation of each prompt, decoded without special tokens, stripped."""
+        """Continuation of each prompt (greedy, or sampled where `sample_seed` is set), decoded without special
+        tokens, stripped."""
 
     def close(self) -> None:
         """Release processes/memory (vLLM spawns workers); safe to call twice."""
+
+
+def sampling_temperature(serve_cfg) -> float:
+    """The temperature sampled reasons use (`ServeConfig.reason_temperature`; engines built without a config use
+    the default)."""
+    from llmrec.config import ServeConfig
+
+    return float((serve_cfg or ServeConfig()).reason_temperature)
 
 
 def concat_media(items: list[EngineInput]) -> MediaBatch:

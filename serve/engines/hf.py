@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from llmrec.model.bundle import load_bundle
-from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media
+from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media, sampling_temperature
 
 
 class HFEngine(Engine):
@@ -23,6 +23,7 @@ class HFEngine(Engine):
         self.bundle_dir = Path(bundle_dir)
         self.model, self.meta = load_bundle(self.bundle_dir, dtype=dtype)
         self.max_positions = int(getattr(self.model.lm.config, "max_position_embeddings", 1 << 30))
+        self.temperature = sampling_temperature(serve_cfg)
 
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +49,25 @@ class HFEngine(Engine):
         emb = self.model.embed(ids, mask, concat_media(items))
         return emb.float().cpu().numpy()
 
-    @torch.inference_mode()
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:
-        if not items:
-            return []
+        """Greedy items in one `generate` call, sampled ones in another (transformers samples a whole batch with
+        one RNG: seeded from the first sampled item, inside `fork_rng` so the process's RNG is left alone)."""
+        out: list[str] = [""] * len(items)
+        greedy = [i for i, it in enumerate(items) if it.sample_seed is None]
+        sampled = [i for i, it in enumerate(items) if it.sample_seed is not None]
+        for group, seed in ((greedy, None), (sampled, items[sampled[0]].sample_seed if sampled else None)):
+            if group:
+                for i, text in zip(group, self._generate([items[i] for i in group], max_new_tokens, seed)):
+                    out[i] = text
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, items: list[EngineInput], max_new_tokens: int, seed: int | None) -> list[str]:
         ids, mask = self._pad([self.token_ids(it, max_new_tokens) for it in items], left=True)
-        out = self.model.generate(ids, mask, concat_media(items), max_new_tokens=max_new_tokens)
+        if seed is None:
+            return self.decode(self.model.generate(ids, mask, concat_media(items), max_new_tokens=max_new_tokens))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.model.generate(ids, mask, concat_media(items), max_new_tokens=max_new_tokens, do_sample=True,
+                                      temperature=self.temperature, top_p=0.95, top_k=0)
         return self.decode(out)

@@ -42,7 +42,7 @@ from transformers import AutoTokenizer
 
 from llmrec.model.bundle import read_bundle_meta
 from llmrec.model.mm_lm import MultimodalLM, read_mm_config
-from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media
+from serve.engines.base import Engine, EngineInput, check_embed_prompt, concat_media, sampling_temperature
 
 # vLLM's CPU backend forces `spawn` for its workers anyway; set it before vLLM is imported so the GPU build agrees
 # (forking a process that already runs torch threads can deadlock).
@@ -269,6 +269,7 @@ class VLLMEngine(Engine):
             kv_cache_memory_bytes=kv_cache_bytes(serve_cfg, self.in_process),
         )
         self.timeout_s = float(getattr(serve_cfg, "request_timeout_s", 0) or 0) or None
+        self.temperature = sampling_temperature(serve_cfg)
         self._lock = threading.Lock()  # `LLM` is not thread-safe: one pooling call at a time
         self._gen = self._pool = self._batcher = None
         try:
@@ -289,7 +290,8 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------------------------------------ engine
     def generate_ids(self, items: list[EngineInput], max_new_tokens: int) -> list[list[int]]:
-        """Greedy new token ids per prompt (EOS included when it was generated), as `MultimodalLM.generate`."""
+        """New token ids per prompt (EOS included when it was generated), as `MultimodalLM.generate`: greedy, or
+        sampled with the item's `sample_seed` (vLLM seeds each request on its own)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -298,9 +300,13 @@ class VLLMEngine(Engine):
         prompts = [self.prompt_embeds(it, self.token_ids(it, max_new_tokens)) for it in items]
         # detokenize=False: we decode with the bundle's tokenizer exactly as the transformers engine does;
         # FINAL_ONLY: no partial outputs per step.
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
-        futures = [self._batcher.submit(p, params) for p in prompts]
+        def params(item: EngineInput):
+            sampled = {} if item.sample_seed is None else dict(temperature=self.temperature, top_p=0.95,
+                                                               seed=item.sample_seed)
+            return SamplingParams(**{"temperature": 0.0, **sampled}, max_tokens=max_new_tokens, detokenize=False,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+
+        futures = [self._batcher.submit(p, params(it)) for p, it in zip(prompts, items)]
         return [list(out.outputs[0].token_ids) for out in self._batcher.wait(futures, self.timeout_s)]
 
     def generate(self, items: list[EngineInput], max_new_tokens: int) -> list[str]:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -10,10 +12,12 @@ import pytest
 
 from data_prep.examples import build_examples, load_examples, make_examples, save_examples
 from data_prep.synthetic import HOSTILE_COMMENTS, INSTRUMENTS, MOODS, load_song_attributes
+from llmrec.claims import ClaimChecker, verified
+from llmrec.evidence import Evidence, EvidenceBuilder
 from llmrec.io import RunDir
 from llmrec.schema import Catalog
 from llmrec.split import split_catalog, tuning_split
-from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
+from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, sanitize_song
 
 TEMPO = {"slow": "slow", "medium": "mid-tempo", "fast": "fast"}
 INSTRUMENT = {"piano": "piano", "guitar": "guitar", "synth": "synth", "strings": "string"}
@@ -86,7 +90,7 @@ def test_counts_and_meta(built, split, inner, synthetic_catalog, quick_config):
 def test_saved_datasets_reload_with_their_columns(built):
     ex = built[2]
     assert ex["stage1"].column_names == ["song_id", "prompt", "answer", "audio_song_ids", "cover_song_ids"]
-    assert {"user_id", "song_id", "history_song_ids", "prompt", "answer", "shared_attributes", "audio_song_ids",
+    assert {"user_id", "song_id", "history_song_ids", "prompt", "answer", "evidence", "audio_song_ids",
             "cover_song_ids"} <= set(ex["stage2"].column_names)
     assert ex["pairs"].column_names == ["song_id", "cf_factor", "pos_song_id"]
     row = ex["pairs"][0]
@@ -155,30 +159,41 @@ def test_examples_do_not_change_when_the_test_period_changes(synthetic_catalog, 
     assert [r["song_id"] for r in altered.stage1] == built[2]["stage1"]["song_id"]
 
 
-def test_shared_attributes_are_really_shared(stage2, truth, synthetic_catalog):
-    titles = synthetic_catalog.songs.set_index("song_id").title
-    artists = synthetic_catalog.songs.set_index("song_id").artist
-
-    def value(sid, key):
-        return artists[sid] if key == "artist" else truth.loc[sid, key]
-
-    n_claims = 0
+def test_stage2_answers_state_only_their_evidence_and_the_evidence_is_true(stage2, synthetic_catalog):
+    songs = synthetic_catalog.songs.set_index("song_id")
+    checker = ClaimChecker([sanitize_song(r) for r in synthetic_catalog.songs.to_dict("records")])
+    kinds = Counter()
     for r in stage2:
-        claims = [c.split("=", 1) for c in r["shared_attributes"]]
-        if not claims:
-            assert "recent plays" not in r["answer"] or "different" in r["answer"]
-            continue
-        quoted = re.findall(r'"([^"]+)"', r["answer"])
-        assert len(quoted) == 1
-        anchors = [h for h in r["history_song_ids"] if titles[h] == quoted[0]]
-        assert anchors, "the reason names a song the prompt shows"
-        assert any(all(value(h, k) == v for k, v in claims) for h in anchors)  # shared with that very song
-        for k, v in claims:
-            assert value(r["song_id"], k) == v
-        if re.search(r"keep coming back|such as|and other", r["answer"]):
-            assert sum(all(value(h, k) == v for k, v in claims) for h in r["history_song_ids"]) >= 2
-        n_claims += len(claims)
-    assert n_claims > len(stage2)  # most reasons make claims, and several per reason
+        evidence = [Evidence(**json.loads(e)) for e in r["evidence"]]
+        titles = [songs.title[h] for h in r["history_song_ids"]]
+        claims = checker.check(r["answer"], evidence, titles, songs.title[r["song_id"]])
+        assert verified(claims), (r["answer"], claims)
+        assert {c.value for c in claims if c.kind == "history_title"} <= set(titles)
+        cand = songs.loc[r["song_id"]]
+        for e in evidence:
+            kinds[e.kind] += 1
+            linked = songs.loc[e.history_song_id] if e.linked else None
+            assert e.history_song_id is None or e.history_song_id in r["history_song_ids"]
+            if e.kind == "artist":
+                assert cand.artist == e.value and (linked is None or linked.artist == e.value)
+            if e.kind == "genre":
+                assert e.value in cand.genres and (linked is None or e.value in linked.genres)
+            if e.kind == "co_listen":
+                assert e.listeners >= 2 and e.linked
+    assert kinds["co_listen"] and kinds["artist"] and kinds["genre"] and kinds["keyword"]
+    assert len({r["answer"] for r in stage2}) > 0.8 * len(stage2)  # phrased in varied words, not one sentence
+
+
+def test_co_listening_never_counts_the_listener_explained(synthetic_catalog, quick_config):
+    """Two songs only one user played together: no co-listening evidence for that user's own pair."""
+    songs = {s["song_id"]: sanitize_song(s) for s in synthetic_catalog.songs.head(4).to_dict("records")}
+    a, b, c, d = list(songs)
+    plays = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3", "u3", "u4"], "song_id": [a, b, a, b, a, b, c]})
+    builder = EvidenceBuilder(songs, plays, prompt_config=quick_config.prompt)
+    assert [e.listeners for e in builder.build([a], b, user="u1") if e.kind == "co_listen"] == [2]
+    assert [e.value for e in builder.build([a], b, user="u1") if e.kind == "co_listen"] == ["100"]
+    assert not [e for e in builder.build([a], b, user=None) if e.kind == "co_listen" and e.listeners != 3]
+    assert not [e for e in builder.build([a], c, user="u4") if e.kind == "co_listen"]
 
 
 def test_answers_make_no_false_claims(stage2, built, truth):
@@ -245,12 +260,13 @@ def test_real_catalog_with_hostile_comments(synthetic_catalog, quick_config):
     roomy = dataclasses.replace(quick_config, prompt=dataclasses.replace(quick_config.prompt, song_budget=160,
                                                                          stage2_budget=192))
     ex = make_examples(small, roomy, truth=None)
-    assert ex.meta["answers_from"] == "genres and artist" and ex.stage2
+    assert ex.meta["answers_from"]["stage1"] == "genres and artist" and ex.stage2
     for kind in ("injection_like", "special_tokens", "control_chars", "truncated"):
         assert ex.meta["sanitizer"][kind] >= len(songs) // k, kind
     assert check_hostile_text_is_quoted_data([r["prompt"] for r in ex.stage1 + ex.stage2]) > 10
     for r in ex.stage2:
-        assert {c.split("=")[0] for c in r["shared_attributes"]} <= {"genre", "artist"}
+        assert {json.loads(e)["kind"] for e in r["evidence"]} <= {"co_listen", "genre", "tag", "artist", "album",
+                                                                  "keyword"}
         assert not (set(MOODS) | {"piano", "guitar", "synth", "slow", "fast"}) & words(r["answer"])
     for r in ex.stage1:
         assert not (set(MOODS) | {"piano", "guitar", "synth", "slow", "fast", "minor", "major"}) & words(r["answer"])

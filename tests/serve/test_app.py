@@ -17,6 +17,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from llmrec.claims import verified
+from llmrec.evidence import Evidence
 from llmrec.text import sanitize_text
 from serve.app import build_index, create_app, load_state
 from serve.batching import BatchedEngine
@@ -176,11 +178,15 @@ def test_recommendations_for_a_user_exclude_seen_and_carry_reasons(client, state
     assert all(isinstance(i["reason"], str) and i["title"] for i in items)
     scores = [i["score"] for i in items]
     assert scores == sorted(scores, reverse=True)
-    # the reasons are the engine's greedy answers to the stage-2 prompts
+    # each reason is the one serve/reasons.py picks from the engine's greedy + sampled answers to the evidence
+    # prompts: a verified model answer, else the plain evidence sentence
     shown = state.inputs.histories[user][: state.cfg.prompt.history_len]
     assert body["history_used"] == shown
-    want = state.engine.generate([state.inputs.reason_input(shown, items[0]["song_id"])], 6)[0]
-    assert items[0]["reason"] == want
+    want = served_reason(state, shown, items[0]["song_id"], 6, user)
+    assert (items[0]["reason"], items[0]["verified"], items[0]["reason_source"]) == \
+        (want.text, want.verified, want.source)
+    assert all(i["reason_source"] in ("model", "evidence", "generic") and "evidence" not in i for i in items)
+    assert all(i["verified"] for i in items if i["reason_source"] != "generic")
     with_seen = client.post("/v1/recommendations", json={"user_id": user, "k": 50, "exclude_seen": False,
                                                          "reasons": False}).json()["data"]
     assert seen & {i["song_id"] for i in with_seen} and "reason" not in with_seen[0]
@@ -198,7 +204,33 @@ def test_recommendations_from_history_and_explanations(client, state):
     assert exp.status_code == 200, exp.text
     body = exp.json()
     assert body["song_id"] == recs[0]["song_id"] and isinstance(body["reason"], str)
-    assert body["reason"] == state.engine.generate([state.inputs.reason_input(history, recs[0]["song_id"])], 5)[0]
+    assert body["reason"] == served_reason(state, history, recs[0]["song_id"], 5, None).text
+    opted = client.post("/v1/explanations", json={"history": history, "song_id": recs[0]["song_id"],
+                                                  "max_new_tokens": 5, "evidence": True}).json()
+    assert opted["reason"] == body["reason"] and isinstance(opted["evidence"], list)
+    facts = [Evidence(**e) for e in opted["evidence"]]
+    assert all(e.history_song_id in history for e in facts if e.linked)
+    claims = state.reasons.checker.check(opted["reason"], facts, [state.reasons.builder.title(h) for h in history],
+                                         state.reasons.builder.title(recs[0]["song_id"]))
+    assert verified(claims) == opted["verified"]
+
+
+def test_a_reason_prompt_over_the_context_gets_the_evidence_sentence_not_an_error(client, state, monkeypatch):
+    user = some_user(state)
+    before = state.reasons.counts["prompt_too_long"]
+    monkeypatch.setattr(state.engine, "max_positions", 8)  # no stage-2 prompt fits
+    resp = client.post("/v1/recommendations", json={"user_id": user, "k": 2, "max_new_tokens": 4})
+    assert resp.status_code == 200, resp.text
+    assert {i["reason_source"] for i in resp.json()["data"]} <= {"evidence", "generic"}
+    assert state.reasons.counts["prompt_too_long"] == before + 2 * state.reasons.samples
+    assert 'llmrec_reasons_total{source="prompt_too_long"}' in client.get("/metrics").text
+
+
+def served_reason(state, history, song_id, max_new_tokens, user):
+    """What serve/reasons.py returns for one candidate, computed here from direct engine calls."""
+    plan = state.reasons.plan(history, [song_id], user)
+    texts = state.engine.generate([state.inputs.reason_input(p, seed) for p, seed in plan.requests], max_new_tokens)
+    return state.reasons.finish(plan, texts)[0]
 
 
 def test_new_song_added_to_the_index_without_rebuild(client, state, serve_run):
