@@ -28,13 +28,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from llmrec.claims import QUOTE, TITLE, Claim, ClaimChecker, words
+from llmrec.claims import QUOTE, TITLE, Claim, ClaimChecker, is_degenerate, words
 from llmrec.config import PromptConfig
 from llmrec.evidence import Evidence
 from llmrec.text import Prompt
 
-MIN_WORDS = 3  # shorter reasons are degenerate
-LOOP_NGRAM, LOOP_REPEATS = 3, 3  # a word 3-gram seen 3 times in one reason: generation is looping
 # Ground-truth attributes of the synthetic catalog, checked as perceived facts (column -> the attribute's name).
 TRUE_ATTRIBUTES = {"tempo_class": "tempo", "instrument": "instrument", "mood": "mood"}
 
@@ -47,15 +45,6 @@ def distinct_n(texts: Iterable[str], n: int) -> float | None:
         grams.update(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
     total = sum(grams.values())
     return len(grams) / total if total else None
-
-
-def is_degenerate(text: str) -> bool:
-    """Empty, shorter than MIN_WORDS words, or looping (a word 3-gram repeated LOOP_REPEATS times)."""
-    w = words(text)
-    if len(w) < MIN_WORDS:
-        return True
-    grams = Counter(tuple(w[i:i + LOOP_NGRAM]) for i in range(len(w) - LOOP_NGRAM + 1))
-    return max(grams.values(), default=0) >= LOOP_REPEATS
 
 
 def _mean(values: Sequence[float]) -> float | None:

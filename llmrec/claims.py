@@ -13,7 +13,9 @@ What counts as a claim (read literally, erring towards reporting a false claim):
 * a vocabulary word or phrase outside quotes: the catalog's own genres, tags, artists and albums and the
   perception heads' labels (`extra_vocabulary`), longest match first ("Lady Jazz Parade" is an artist, not the
   genre jazz); a one-word artist name must match its case ("Rain" the artist, not rain). No word lists of the
-  synthetic generator are used.
+  synthetic generator are used. A value made only of English stop words or of the evidence phrasing's own words
+  (lastfm-2k has the tags "it", "new" and "song"), or only of numbers (the artist "13" next to "13% of the
+  listeners"), is not in the vocabulary: claims about it are not checked.
 
 A sentence that quotes history songs presents its facts as shared with them ("it is rock like "X""), so each fact
 in it must be evidence linked to one of the songs it names; a sentence that names none is about the candidate and
@@ -26,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from llmrec.evidence import Evidence
+from llmrec.evidence import Evidence, phrasing_words, stop_words
 from llmrec.text import SongText
 
 WORD_RE = re.compile(r"\w+")
@@ -34,6 +36,9 @@ QUOTE_RE = re.compile(r'"([^"\n]{1,200})"|\u201c([^\u201d\n]{1,200})\u201d')
 SENTENCE_END_RE = re.compile(r"[.!?]+(?=\s|$)")
 PERCENT_RE = re.compile(r"(?<![\w.])(\d{1,3})\s?%")
 MAX_PHRASE_WORDS = 8
+MIN_WORDS = 3  # shorter reasons are degenerate
+LOOP_NGRAM, LOOP_REPEATS = 3, 3  # a word 3-gram seen 3 times in one reason: generation is looping
+FINISHED_RE = re.compile(r"[.!?][\"\u201d')]*\s*$")
 TITLE, QUOTE, CO_LISTEN = "history_title", "quote", "co_listen"
 # genre and tag are one family when matching (a lastfm top tag is both); the claim keeps the kind it matched.
 FAMILY = {"genre": "label", "tag": "label"}
@@ -82,6 +87,9 @@ class Vocabulary:
     def __init__(self, songs: Iterable[SongText], extra: Mapping[str, Iterable[str]] | None = None):
         self.phrases: dict[tuple[str, ...], tuple[str, str]] = {}
         self.exact_case: dict[tuple[str, ...], str] = {}
+        # A label made only of English stop words or of the phrasing's own words ("it", "new", "song" are lastfm
+        # tags) is not a claim: reading it would flag every reason.
+        self.common = stop_words() | phrasing_words()
         songs = list(songs)
         # Labels first: on a clash (an artist called "Jazz") the label reading wins.
         for kind, values in (("genre", {g for s in songs for g in s.genres}),
@@ -98,7 +106,9 @@ class Vocabulary:
 
     def add(self, kind: str, value: str) -> bool:
         phrase = key(value)
-        if not phrase or len(phrase) > MAX_PHRASE_WORDS or phrase in self.phrases:
+        if not phrase or len(phrase) > MAX_PHRASE_WORDS or phrase in self.phrases or set(phrase) <= self.common:
+            return False
+        if all(w.isdigit() for w in phrase):  # an artist called "13" reads like the percentage in "13% of ..."
             return False
         self.phrases[phrase] = (kind, value)
         return True
@@ -183,6 +193,23 @@ class ClaimChecker:
         return claims
 
 
+def is_degenerate(text: str) -> bool:
+    """Empty, shorter than MIN_WORDS words, or looping (a word 3-gram repeated LOOP_REPEATS times)."""
+    from collections import Counter
+
+    w = words(text)
+    if len(w) < MIN_WORDS:
+        return True
+    grams = Counter(tuple(w[i:i + LOOP_NGRAM]) for i in range(len(w) - LOOP_NGRAM + 1))
+    return max(grams.values(), default=0) >= LOOP_REPEATS
+
+
+def servable(text: str) -> bool:
+    """A model answer the server may return at all: finished (ends a sentence; an answer cut off by
+    max_new_tokens is not a reason) and not degenerate."""
+    return bool(FINISHED_RE.search(text)) and not is_degenerate(text)
+
+
 def verified(claims: Sequence[Claim]) -> bool:
     """A reason the server may call verified: at least one claim beyond quoting history, and every claim true."""
     return any(c.kind != TITLE for c in claims) and all(c.true for c in claims)
@@ -209,14 +236,14 @@ class ServedReason:
 
 def choose_reason(checker: ClaimChecker, samples: Sequence[str | None], facts: Sequence[Evidence],
                   history_titles: Sequence[str], candidate_title: str | None, has_history: bool) -> ServedReason:
-    """The reason to return: of the model's `samples` (greedy first), the verified one with the most claims (ties:
-    the earlier), else the plain evidence sentence (`llmrec.evidence.phrase`), else the generic one. A sample that
+    """The reason to return: of the model's finished, non-degenerate `samples` (greedy first), the verified one with
+    the most claims (ties: the earlier), else the plain evidence sentence (`llmrec.evidence.phrase`), else the generic one. A sample that
     states anything the evidence does not hold is never returned."""
     from llmrec.evidence import GENERIC_REASON, phrase
 
     best: tuple[int, str, list[Claim]] | None = None
     for text in samples:
-        if not text:
+        if not text or not servable(text):
             continue
         claims = checker.check(text, facts, history_titles, candidate_title)
         if verified(claims) and (best is None or len(claims) > best[0]):

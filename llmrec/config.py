@@ -336,8 +336,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # + 2 songs + their 2 co-listened partners through the 135M LM, with backward) takes ~7 s: a smaller
         # catalogue, few steps and no ablation passes. The quality benchmarks train longer (bench/quality.py).
         "train": {"stage0_steps": 0, "stage1_steps": 12, "stage2_steps": 24, "batch_size": 2, "lr": 5e-4,
-                  "lr_stage1": 1e-3, "max_length": 192, "save_every": 12, "ablations": False},
-        "prompt": {"song_budget": 64},
+                  "lr_stage1": 1e-3, "max_length": 352, "save_every": 12, "ablations": False},
+        # Stage-2 prompts list the evidence (llmrec.evidence): ~300 SmolLM2 tokens at these budgets, + the answer.
+        "prompt": {"song_budget": 64, "stage2_budget": 192, "history_len": 4},
         "synthetic": {"n_songs": 240, "n_new_songs": 40, "n_users": 160, "n_artists": 30},
         "eval": {"reasons": 16},
     },

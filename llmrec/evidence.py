@@ -144,7 +144,7 @@ class CoListening:
 # ------------------------------------------------------------------------------------------------ keywords
 
 
-def _stop_words() -> frozenset[str]:
+def stop_words() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     return frozenset(ENGLISH_STOP_WORDS)
@@ -156,7 +156,7 @@ class Keywords:
     more often a typo or junk than a theme). Text is the sanitised catalog text; the word is quoted data."""
 
     def __init__(self, songs: Iterable[SongText], min_songs: int = 2):
-        self.stop = _stop_words()
+        self.stop = stop_words()
         self.min_songs = min_songs
         self.df: Counter = Counter()
         self.n = 0
@@ -292,6 +292,16 @@ OPENERS = ("Recommended because {c}.", "You may like it: {c}.", "A pick for you:
 NEW_OPENERS = ("Something new next to your recent plays: {c}.", "A change from your recent plays: {c}.")
 NO_HISTORY = ("You have no plays yet, so here is what this song offers: {c}.",
               "Without plays to go on, here is what this song is: {c}.")
+
+
+def phrasing_words() -> frozenset[str]:
+    """Every word the evidence phrasing writes itself (openers, clause glue), casefolded: a catalog label made only
+    of such words (lastfm-2k users tagged artists "it", "new", "song") cannot be told apart from the phrasing, so
+    the claim checker does not read it as a claim."""
+    glue = ("listeners of also play it it is by like from the album a an song tagged sounds features its cover looks "
+            "lyrics listeners' comments mention and")
+    text = " ".join((*OPENERS, *NEW_OPENERS, *NO_HISTORY, GENERIC_REASON, glue))
+    return frozenset(re.findall(r"\w+", text.casefold()))
 
 
 def _some(items: list[Evidence], lo: int, hi: int, rng: np.random.Generator) -> list[Evidence]:

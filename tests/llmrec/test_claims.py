@@ -13,7 +13,8 @@ SONGS = [sanitize_song(s) for s in [
      "tags": ["seen live"]},
     {"song_id": "s2", "title": "Silent River", "artist": "DJ Jazz Echo", "genres": ["folk"]},
     {"song_id": "s3", "title": "Paper Crown", "artist": "The Foxes", "album": "Night Roads", "genres": ["rock"]},
-    {"song_id": "s4", "title": "Dark Horse", "artist": "Nova", "genres": ["jazz"]},
+    {"song_id": "s5", "title": "Thirteen", "artist": "62"},
+    {"song_id": "s4", "title": "Dark Horse", "artist": "Nova", "genres": ["jazz"], "tags": ["it", "new", "song"]},
 ]]
 HISTORY = ["Paper Crown", "Silent River"]
 # Evidence for recommending s1 to a listener who played s3 and s2.
@@ -36,6 +37,7 @@ def said(checker, text, facts=FACTS, history=HISTORY):
 
 
 def test_co_listening_claims(checker):
+    # (the catalog has an artist called "62": numbers are percentages, never artists)
     assert said(checker, 'Recommended because 62% of the listeners of "Paper Crown" also play it.') == {
         ("history_title", "Paper Crown", True), ("co_listen", "62", True)}
     # a wrong percentage, and the right one tied to the wrong history song
@@ -74,6 +76,8 @@ def test_vocabulary_is_the_catalogs_with_longest_match_and_case(checker):
     assert said(checker, "More by DJ Jazz Echo.") == {("artist", "DJ Jazz Echo", False)}
     assert said(checker, "a nova of sound") == set()
     assert said(checker, "Rock, rock and more rock.") == {("genre", "rock", True)}  # a fact said twice counts once
+    # lastfm-2k users tag artists "it", "new", "song": labels made of the phrasing's own words are not claims
+    assert said(checker, "Something new: it is a rock song.") == {("genre", "rock", True)}
 
 
 def test_sentences_are_cut_outside_quoted_titles():
@@ -107,3 +111,12 @@ def test_listener_without_history_gets_the_candidates_own_evidence_said_as_such(
     own = [e for e in FACTS if not e.linked]
     text = phrase(own, has_history=False)
     assert text.startswith("You have no plays yet") and verified(checker.check(text, own, [], "Golden Harbor"))
+
+
+def test_cut_off_or_looping_answers_are_never_returned_even_with_true_claims(checker):
+    cut = 'Recommended because 62% of the listeners of "Paper Crown" also play it and the song is also'
+    loop = "It sounds fast. It sounds fast. It sounds fast."
+    r = choose_reason(checker, [cut, loop], FACTS, HISTORY, "Golden Harbor", True)
+    assert r.source == "evidence" and r.text == phrase(FACTS, True)
+    done = cut.replace(" and the song is also", ".")
+    assert choose_reason(checker, [cut, done], FACTS, HISTORY, "Golden Harbor", True).text == done
