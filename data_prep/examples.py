@@ -359,7 +359,7 @@ def load_examples(directory: str | Path) -> dict[str, Any]:
 
 def build_examples(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """`llmrec prepare`'s second step: examples from the run's catalog into `runs/<name>/examples/`."""
-    from data_prep.synthetic import load_song_attributes
+    from llmrec.schema import load_song_attributes
 
     catalog = load_catalog(run.require(run.catalog, "prepare"))
     truth = load_song_attributes(run.catalog) if catalog.meta.get("source") == "synthetic" else None

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from llmrec.config import SyntheticConfig
 from llmrec.io import atomic_path
-from llmrec.schema import Catalog, ValidationReport, load_catalog, save_catalog
+from llmrec.schema import SONG_ATTRIBUTES_FILE, Catalog, ValidationReport, load_catalog, save_catalog
 
 GENRES = ["rock", "pop", "jazz", "electronic", "folk", "hiphop", "classical", "rnb"]
 MOODS = ["calm", "energetic", "melancholic", "happy", "dark"]
@@ -356,15 +356,8 @@ def generate_catalog(cfg: SyntheticConfig, out_dir: str | Path, seed: int = 0, p
                    "cover": ["mood"]},
     }
     truth = attrs.drop(columns=["artist_idx"]).assign(artist=[artist_names[i] for i in attrs.artist_idx])
-    with atomic_path(out_dir / "song_attributes.parquet") as tmp:
+    with atomic_path(out_dir / SONG_ATTRIBUTES_FILE) as tmp:
         truth.to_parquet(tmp, index=False)
     catalog = Catalog(songs_df, users, interactions, meta=meta, root=out_dir, report=ValidationReport())
     save_catalog(catalog, out_dir)
     return load_catalog(out_dir)  # what every later stage sees: validated, typed as stored
-
-
-def load_song_attributes(catalog_dir: str | Path) -> pd.DataFrame | None:
-    """The synthetic ground truth (None for real catalogs, which have no latent attributes)."""
-    path = Path(catalog_dir) / "song_attributes.parquet"
-    return pd.read_parquet(path) if path.is_file() else None
-

@@ -111,6 +111,17 @@ def true_attributes(attributes: pd.DataFrame | None) -> dict[str, list[Evidence]
     return out
 
 
+def perceived_accuracy(evidence: Sequence[Sequence[Evidence]], candidates: Sequence[str],
+                       attributes: pd.DataFrame | None) -> dict[str, Any]:
+    """How often the perceived attributes listed as evidence for each candidate are the song's true ones (synthetic
+    ground truth), overall and per attribute; rates are None where nothing was perceived or there is no truth."""
+    truth = {(sid, e.attribute): e.value for sid, es in true_attributes(attributes).items() for e in es}
+    checked = [(e.attribute, truth[(sid, e.attribute)] == e.value) for items, sid in zip(evidence, candidates)
+               for e in items if e.kind == "perceived" and (sid, e.attribute) in truth]
+    by = {a: _mean([ok for b, ok in checked if b == a]) for a in sorted({a for a, _ in checked})}
+    return {"n": len(checked), "accuracy": _mean([ok for _, ok in checked]), "by_attribute": by}
+
+
 def ground_truth(writer, cases: Sequence["ReasonCase"], plans_history: Sequence[Sequence[str]],
                  attributes: pd.DataFrame | None) -> GroundTruth:
     """The truth for each case, over the history the prompt showed (`plans_history`)."""
@@ -262,13 +273,15 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     held-out plays, checked against the ground truth; the model's greedy answers before the check
     ("model_greedy") and the plain evidence sentences ("evidence_sentence") on the same plays. Without a bundle
     the section says so ("skipped") and still carries the evidence-sentence reference."""
-    from data_prep.synthetic import load_song_attributes
+    from llmrec.schema import load_song_attributes
     from llmrec.evidence import phrase
+    from llmrec.perception import load_perceived
     from llmrec.split import positive_plays
     from serve.reasons import ReasonWriter
 
     # Every key of the section is always there (None when not measured), so readers need no special cases.
     empty = {**reason_metrics([], [], []), "latency_ms_per_reason": None, "samples": [],
+             "perceived": {"n": 0, "accuracy": None, "by_attribute": {}},
              "prompt_dependence": {"answer_loss": None, "answer_loss_other_prompt": None, "prompt_gain": None}}
     n = int(cfg.eval.reasons)
     if n <= 0:
@@ -277,7 +290,8 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     if not cases:
         return {**empty, "skipped": "no held-out plays with a training history to explain", "cases_skipped": skipped}
     songs = {str(r["song_id"]): r for r in catalog.songs.to_dict("records")}
-    writer = ReasonWriter(cfg, songs, positive_plays(train_df))
+    perceived, labels = load_perceived(run) if (run.features / "manifest.json").is_file() else ({}, [])
+    writer = ReasonWriter(cfg, songs, positive_plays(train_df), perceived, {"perceived": labels} if labels else None)
     plans = [writer.plan(c.history, [c.song_id], c.user_id) for c in cases]
     shown = [p.cases[0][0].history_song_ids for p in plans]
     attributes = load_song_attributes(run.catalog)
@@ -285,6 +299,7 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     sentences = [phrase(p.cases[0][1], bool(h)) for p, h in zip(plans, shown)]
     section: dict[str, Any] = {
         **empty, "cases_skipped": skipped, "evidence_sentence": reason_metrics(sentences, truth.check(sentences)),
+        "perceived": perceived_accuracy([p.cases[0][1] for p in plans], [c.song_id for c in cases], attributes),
         "ground_truth": "catalog + training plays" + (" + song_attributes.parquet" if attributes is not None
                                                       else ""),
         "samples_per_reason": writer.samples}

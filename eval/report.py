@@ -893,6 +893,11 @@ def reasons_markdown(r: dict) -> list[str]:
         out.append(f"Served: {_num(r.get('verified_share'))} verified; from the model {_num(src.get('model'))}, "
                    f"the evidence sentence {_num(src.get('evidence'))}, generic {_num(src.get('generic'))} "
                    f"({r.get('samples_per_reason')} answers checked per reason).")
+    perceived = r.get("perceived") or {}
+    if perceived.get("n"):
+        out.append(f"Perceived attributes listed as evidence (perception heads on the encoder features, calibrated "
+                   f"confidence >= threshold): {perceived['n']}, true {_num(perceived['accuracy'])} ("
+                   + ", ".join(f"{a} {_num(v)}" for a, v in perceived["by_attribute"].items()) + ").")
     dep = r.get("prompt_dependence") or {}
     if dep.get("prompt_gain") is not None:
         out += ["", f"Does the model read its prompt? Answer loss of the evidence sentences after their own prompt "

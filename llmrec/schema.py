@@ -373,3 +373,13 @@ def split_time(catalog: Catalog) -> pd.Timestamp | None:
 
 def to_date(value: str | dt.date) -> dt.date:
     return value if isinstance(value, dt.date) else dt.date.fromisoformat(value)
+
+
+SONG_ATTRIBUTES_FILE = "song_attributes.parquet"
+
+
+def load_song_attributes(catalog_dir: str | Path) -> pd.DataFrame | None:
+    """The synthetic catalog's ground truth per song (`SONG_ATTRIBUTES_FILE`: genre, instrument, tempo_class, mood,
+    mode, ...); None for real catalogs, which have no latent attributes."""
+    path = Path(catalog_dir) / SONG_ATTRIBUTES_FILE
+    return pd.read_parquet(path) if path.is_file() else None

@@ -104,6 +104,7 @@ def song_inputs(cfg: Config, run: RunDir, bdir: Path, with_histories: bool = Fal
 def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: SongIndex | None = None
                ) -> ServerState:
     """Everything the app serves from a run directory. A stale index is refused here, before binding a port."""
+    from llmrec.perception import load_perceived
     from llmrec.schema import load_catalog
     from serve.engines import load_engine
 
@@ -114,7 +115,9 @@ def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: So
     inputs = song_inputs(cfg, run, bdir, with_histories=True, catalog=catalog)
     # Co-listening evidence counts every positive play the server knows (the histories it serves come from the
     # same log); the eval counts training plays only.
-    reasons = ReasonWriter(cfg, inputs.songs, positive_plays(catalog.interactions))
+    perceived, labels = load_perceived(run, inputs.features)
+    reasons = ReasonWriter(cfg, inputs.songs, positive_plays(catalog.interactions), perceived,
+                           {"perceived": labels} if labels else None)
     added_media = inputs.load_added_media(run.index) if index.added else {}
     for sid, row in index.added.items():  # songs added after the build, with the media rows they were added with
         inputs.add_song(sid, row, added_media.get(sid) or inputs.empty_media())

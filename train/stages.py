@@ -265,6 +265,25 @@ def save_stage2(run: RunDir, model: MultimodalLM, losses: list[float]) -> Path:
     return out
 
 
+def train_perception(cfg: Config, run: RunDir, catalog, features) -> dict:
+    """Fit and save the perception heads (`llmrec.perception`) on the training songs' attribute labels, where the
+    catalog has labels (the synthetic one); returns their held-out measurements ({} without labels)."""
+    from llmrec.perception import fit_perception
+    from llmrec.schema import load_song_attributes
+    from llmrec.split import split_catalog
+
+    labels = load_song_attributes(run.catalog)
+    if labels is None:
+        return {}
+    split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
+    train_ids = set(catalog.songs["song_id"].astype(str)) - set(split.cold_songs)
+    heads = fit_perception(features, labels, train_ids, cfg.seed, cfg.prompt.min_perceived_confidence)
+    if heads is None:
+        return {}
+    heads.save(run.model / "perception")
+    return heads.report()
+
+
 def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict:
     progress = not getattr(args, "no_progress", False)
     torch.manual_seed(cfg.seed)
@@ -299,9 +318,13 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
         save_embeddings(run.model / f"embeddings-{variant}.safetensors", *song_embeddings(model, collate, prompts,
                                                                                           drop=drop))
     bundle_hash = export_bundle(model, run.model / "bundle", {"preset": cfg.preset, "backbone": cfg.model.backbone})
+    perception = train_perception(cfg, run, catalog, features)
     summary = {"stage1_loss": [round(float(np.mean(s1[:5])), 3), round(float(np.mean(s1[-5:])), 3)],
                "stage2_loss": [round(float(np.mean(s2[:5])), 3), round(float(np.mean(s2[-5:])), 3)]}
+    if perception:
+        summary["perception"] = perception
     atomic_write_json(run.model / "train_summary.json", summary)
     return {"model": str(out), "bundle": f"{run.model / 'bundle'} (hash {bundle_hash[:12]})",
+            "perception": ", ".join(f"{a} {r['accuracy']:.2f}" for a, r in perception.items()) or "no labels",
             "embeddings": str(run.model / EMBEDDINGS),
             "stage1 loss first->last": summary["stage1_loss"], "stage2 loss first->last": summary["stage2_loss"]}

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from data_prep.examples import build_examples, load_examples, make_examples, save_examples
-from data_prep.synthetic import HOSTILE_COMMENTS, INSTRUMENTS, MOODS, load_song_attributes
+from data_prep.synthetic import HOSTILE_COMMENTS, INSTRUMENTS, MOODS
 from llmrec.claims import ClaimChecker, verified
 from llmrec.evidence import Evidence, EvidenceBuilder
 from llmrec.io import RunDir
-from llmrec.schema import Catalog
+from llmrec.schema import Catalog, load_song_attributes
 from llmrec.split import split_catalog, tuning_split
 from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, sanitize_song
 

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from data_prep.synthetic import GENRE_WORDS, INSTRUMENTS, MOODS, generate_catalog, load_song_attributes
-from llmrec.schema import load_catalog
+from data_prep.synthetic import GENRE_WORDS, INSTRUMENTS, MOODS, generate_catalog
+from llmrec.schema import load_catalog, load_song_attributes
 
 
 def gini(x: np.ndarray) -> float:

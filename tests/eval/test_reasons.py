@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from data_prep.synthetic import load_song_attributes  # noqa: E402
+from llmrec.schema import load_song_attributes  # noqa: E402
 from eval import reasons as rs  # noqa: E402
 from eval.report import positives, run_eval  # noqa: E402
 from llmrec.evidence import phrase  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data_prep.synthetic import load_song_attributes
+from llmrec.schema import load_song_attributes
 from eval import report as rep
 from llmrec import cli
 from llmrec.io import MissingArtefactError, RunDir, open_run_dir
