@@ -13,7 +13,9 @@ What counts as a claim (read literally, erring towards reporting a false claim):
 * a vocabulary word or phrase outside quotes: the catalog's own genres, tags, artists and albums and the
   perception heads' labels (`extra_vocabulary`), longest match first ("Lady Jazz Parade" is an artist, not the
   genre jazz); a one-word artist name must match its case ("Rain" the artist, not rain). No word lists of the
-  synthetic generator are used. A value made only of English stop words or of the evidence phrasing's own words
+  synthetic generator are used. A capitalised word inside a sentence that none of these explains ("Ldle Maple",
+  "Spotify") is a `name` claim and false: a name the evidence cannot vouch for is how reasons invent things. A value
+  made only of English stop words or of the evidence phrasing's own words
   (lastfm-2k has the tags "it", "new" and "song"), or only of numbers (the artist "13" next to "13% of the
   listeners"), is not in the vocabulary: claims about it are not checked.
 
@@ -25,10 +27,11 @@ song" claims rock), nor are words outside the vocabularies ("upbeat"): those are
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from llmrec.evidence import Evidence, phrasing_words, stop_words
+from llmrec.evidence import GENERIC_REASON, Evidence, phrase, phrasing_words, stop_words
 from llmrec.text import SongText
 
 WORD_RE = re.compile(r"\w+")
@@ -37,9 +40,11 @@ SENTENCE_END_RE = re.compile(r"[.!?]+(?=\s|$)")
 PERCENT_RE = re.compile(r"(?<![\w.])(\d{1,3})\s?%")
 MAX_PHRASE_WORDS = 8
 MIN_WORDS = 3  # shorter reasons are degenerate
+MIN_SERVED_WORDS = 6  # a model answer shorter than this ("1. Big Parade.") is not served as a reason
 LOOP_NGRAM, LOOP_REPEATS = 3, 3  # a word 3-gram seen 3 times in one reason: generation is looping
 FINISHED_RE = re.compile(r"[.!?][\"\u201d')]*\s*$")
-TITLE, QUOTE, CO_LISTEN = "history_title", "quote", "co_listen"
+TITLE, QUOTE, CO_LISTEN, NAME = "history_title", "quote", "co_listen", "name"
+ALLOWED_CAPITALISED = frozenset({"I"})
 # genre and tag are one family when matching (a lastfm top tag is both); the claim keeps the kind it matched.
 FAMILY = {"genre": "label", "tag": "label"}
 
@@ -115,8 +120,9 @@ class Vocabulary:
 
     def mentions(self, text: str, extra: Mapping[tuple[str, ...], tuple[str, str]] | None = None
                  ) -> list[tuple[str, str, str]]:
-        """(kind, value, surface) of each vocabulary mention outside quotes, longest first, in reading order.
-        `extra` phrases (the evidence's own values, e.g. a song added after startup) are looked up first."""
+        """(kind, value, surface) of each vocabulary mention outside quotes, longest first, in reading order; a
+        mention of kind NAME is a capitalised word that no vocabulary explains (see `ClaimChecker`). `extra`
+        phrases (the evidence's own values, e.g. a song added after startup) are looked up first."""
         extra = extra or {}
         out = []
         for segment in QUOTE_RE.split(text)[::3]:  # split() interleaves the two quote groups: keep the outside
@@ -132,6 +138,10 @@ class Vocabulary:
                         i += n
                         break
                 else:
+                    # A capitalised word inside a sentence (not its first word, nor the first after a quote) that
+                    # no vocabulary explains names something the evidence cannot vouch for.
+                    if i > 0 and toks[i][:1].isupper() and toks[i] not in ALLOWED_CAPITALISED:
+                        out.append((NAME, toks[i], toks[i]))
                     i += 1
         return out
 
@@ -189,14 +199,12 @@ class ClaimChecker:
             for m in PERCENT_RE.finditer(outside):
                 add(CO_LISTEN, m.group(1), m.group(), holds(CO_LISTEN, m.group(1), anchors))
             for kind, value, surface in self.vocabulary.mentions(sentence, local):
-                add(kind, value, surface, holds(kind, value, anchors))
+                add(kind, value, surface, kind != NAME and holds(kind, value, anchors))
         return claims
 
 
 def is_degenerate(text: str) -> bool:
     """Empty, shorter than MIN_WORDS words, or looping (a word 3-gram repeated LOOP_REPEATS times)."""
-    from collections import Counter
-
     w = words(text)
     if len(w) < MIN_WORDS:
         return True
@@ -206,8 +214,8 @@ def is_degenerate(text: str) -> bool:
 
 def servable(text: str) -> bool:
     """A model answer the server may return at all: finished (ends a sentence; an answer cut off by
-    max_new_tokens is not a reason) and not degenerate."""
-    return bool(FINISHED_RE.search(text)) and not is_degenerate(text)
+    max_new_tokens is not a reason), at least MIN_SERVED_WORDS words, and not degenerate."""
+    return bool(FINISHED_RE.search(text)) and len(words(text)) >= MIN_SERVED_WORDS and not is_degenerate(text)
 
 
 def verified(claims: Sequence[Claim]) -> bool:
@@ -237,10 +245,8 @@ class ServedReason:
 def choose_reason(checker: ClaimChecker, samples: Sequence[str | None], facts: Sequence[Evidence],
                   history_titles: Sequence[str], candidate_title: str | None, has_history: bool) -> ServedReason:
     """The reason to return: of the model's finished, non-degenerate `samples` (greedy first), the verified one with
-    the most claims (ties: the earlier), else the plain evidence sentence (`llmrec.evidence.phrase`), else the generic one. A sample that
-    states anything the evidence does not hold is never returned."""
-    from llmrec.evidence import GENERIC_REASON, phrase
-
+    the most claims (ties: the earlier), else the plain evidence sentence (`llmrec.evidence.phrase`), else the
+    generic one. A sample that states anything the evidence does not hold is never returned."""
     best: tuple[int, str, list[Claim]] | None = None
     for text in samples:
         if not text or not servable(text):

@@ -79,15 +79,18 @@ class Evidence:
         return f"{self.kind} shared with {t}: {v}" if self.linked else f"{self.kind}: {v}"
 
     def clause(self) -> str:
-        """This item as a clause of a reason about the candidate ("it is by X, like "Y"")."""
+        """This item as a clause of a reason about the candidate ('it is by "X", like "Y"')."""
         t = quote_inline(self.history_title or "")
-        v = self.value.replace('"', "'")  # unquoted in the reason: a stray quote would open a false "quote" claim
+        v = self.value.replace('"', "'")  # an unquoted label: a stray quote would open a false "quote" claim
         if self.kind == "co_listen":
             return f"{v}% of the listeners of {t} also play it"
+        # Names are quoted, like titles: "Mary J. Blige" or "Wham!" would otherwise end a sentence mid-name.
         if self.kind == "artist":
-            return f"it is by {v}, like {t}" if self.linked else f"it is by {v}"
+            q = quote_inline(self.value)
+            return f"it is by {q}, like {t}" if self.linked else f"it is by {q}"
         if self.kind == "album":
-            return f"it is from the album {v}, like {t}" if self.linked else f"it is from the album {v}"
+            q = quote_inline(self.value)
+            return f"it is from the album {q}, like {t}" if self.linked else f"it is from the album {q}"
         if self.kind == "genre":
             return f"it is {v} like {t}" if self.linked else f"it is {_a(self.value)} {v} song"
         if self.kind == "tag":
@@ -319,7 +322,8 @@ def phrase(items: Sequence[Evidence], has_history: bool, rng: np.random.Generato
     history song, so the claim checker never reads an own fact as a shared one. Without `rng` the wording is
     fixed (the server's fallback); with one, the opener, the order and how many items are said vary (stage-2
     answers, so the model learns to phrase evidence rather than one sentence). No items: `GENERIC_REASON`."""
-    linked = [e for e in items if e.linked]
+    # One clause per fact: "it is hiphop like "A"" and "... like "B"" say the same thing twice.
+    linked = list({(e.kind, e.value): e for e in reversed([e for e in items if e.linked])}.values())[::-1]
     own = [e for e in items if not e.linked]
     if rng is not None:
         linked = _some(linked, 1, max_linked, rng)

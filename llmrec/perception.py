@@ -3,11 +3,11 @@ confidences. They are the `perceived` evidence a reason may state about a candid
 looks calm"), so a reason never takes an attribute from the catalog's ground truth at serving time.
 
 One head per attribute the catalog has labels for (`ATTRIBUTES`: tempo and instrument from the audio features, mood
-from the cover features): a multinomial logistic regression (scikit-learn, regularisation chosen by cross-validated log-loss) on the encoder features mean-pooled over
-layers and tokens (`llmrec.features.pooled_rows`), standardised. It is fitted on 80% of the labelled TRAINING songs
-(cold songs are never labels) and calibrated by temperature scaling (Guo et al., 2017; here the temperature that
-minimises the Brier score) on the other 20%, where its accuracy, expected calibration error and accuracy above the
-evidence threshold are measured and saved with it.
+from the cover features): a multinomial logistic regression (scikit-learn; the regularisation chosen by
+cross-validated log-loss) on the encoder features mean-pooled over layers and tokens (`llmrec.features.pooled_rows`),
+standardised. It is fitted on 80% of the labelled TRAINING songs (cold songs are never labels) and calibrated by
+temperature scaling (Guo et al., 2017; here the temperature that minimises the Brier score) on the other 20%, where
+its accuracy, expected calibration error and accuracy above the evidence threshold are measured and saved with it.
 
 Saved as `perception.safetensors` (standardisation, weights, biases) + `perception.json` (classes, temperature,
 measurements) under `runs/<name>/model/perception/`: a few numbers, read without scikit-learn or pickle.
@@ -97,7 +97,8 @@ def fit_head(attribute: str, modality: str, x: np.ndarray, labels: Iterable[str]
     # The regularisation is chosen by log-loss (3-fold): an unregularised fit on a few hundred songs is confidently
     # wrong on the few it misses, which no single temperature can repair.
     model = LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, scoring="neg_log_loss", max_iter=2000,
-                                 l1_ratios=(0.0,), use_legacy_attributes=False, random_state=seed).fit((x[fit_i] - mean) / scale, y[fit_i])
+                                 l1_ratios=(0.0,), use_legacy_attributes=False, random_state=seed)
+    model.fit((x[fit_i] - mean) / scale, y[fit_i])
     head = Head(attribute, modality, [str(c) for c in classes], mean.astype(np.float32), scale.astype(np.float32),
                 model.coef_.astype(np.float32), model.intercept_.astype(np.float32))
     logits = head.logits(x[cal_i])

@@ -120,3 +120,19 @@ def test_cut_off_or_looping_answers_are_never_returned_even_with_true_claims(che
     assert r.source == "evidence" and r.text == phrase(FACTS, True)
     done = cut.replace(" and the song is also", ".")
     assert choose_reason(checker, [cut, done], FACTS, HISTORY, "Golden Harbor", True).text == done
+
+
+def test_a_fact_shared_with_two_history_songs_is_said_once_and_short_answers_are_not_served(checker):
+    twice = [Evidence("genre", "rock", "s3", "Paper Crown"), Evidence("genre", "rock", "s2", "Silent River")]
+    assert phrase(twice, True) == 'Recommended because it is rock like "Paper Crown".'
+    r = choose_reason(checker, ["By The Foxes."], FACTS, HISTORY, "Golden Harbor", True)
+    assert r.source == "evidence"  # true, but three words are not a reason
+
+
+def test_names_no_vocabulary_explains_are_false_claims(checker):
+    # a misspelt artist and a service the evidence knows nothing about
+    assert said(checker, "It is by The Foxes, not Ldle Maple.") == {("artist", "The Foxes", True),
+                                                                    ("name", "Ldle", False), ("name", "Maple", False)}
+    assert ("name", "Spotify", False) in said(checker, "It is a rock song on Spotify.")
+    # the first word of a sentence, and "I", are just capitalised
+    assert said(checker, "Rock it is. I think so.") == {("genre", "rock", True)}
