@@ -1,7 +1,7 @@
 """Serving load test: a real `llmrec serve` on 127.0.0.1 per engine, closed-loop clients at several concurrencies.
 
     python bench/serve.py [--quick] [--engines hf,vllm] [--seconds S] [--concurrency 1,8,32]
-                          [--hidden 128 --layers 2] [--run-dir DIR]
+                          [--hidden 128 --layers 2] [--run-dir DIR] [--reasons-in-flight N]
 
 Without --run-dir it builds, in a temporary directory, the quick synthetic catalog with random media features and
 an untrained tiny bundle (`serve.tiny`; `--hidden/--layers` make the backbone wider), builds the index once, then
@@ -10,7 +10,9 @@ for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CL
   - reasons: `POST /v1/explanations` with 1-5 history songs (prompt ~60-250 tokens) and an answer budget of
     8, 32 or 96 tokens (an untrained model rarely stops early, so answers use their budget);
 each for `--seconds` at every concurrency level (closed loop: each client sends its next request when the last
-one is answered; after a 503 it first waits the Retry-After the server sent, unless --ignore-retry-after).
+one is answered; after a 503 it first waits the Retry-After the server sent, unless --ignore-retry-after). With
+`--reasons-in-flight N`, N reason clients (unreported) run alongside every embeddings level: embedding latency
+while generation is busy.
 Reported: requests/s, p50/p99 latency of the answered requests, error counts by status,
 useful tokens/s for reasons (tokens of the returned text), embeddings/s next to a matmul bound measured in this run
 (bf16 and fp32 GEMM FLOP/s divided by 2 x LM parameters x mean prompt tokens: what the forward pass would cost at
@@ -179,8 +181,18 @@ async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: f
             "mean_prompt_tokens": round(float(np.mean(prompt_tokens)), 1) if prompt_tokens else None}
 
 
+async def load_beside_reasons(url: str, ids: list[str], concurrency: int, seconds: float, tokenizer, seed: int,
+                              reasons: int, honour_retry_after: bool) -> dict:
+    """The embeddings load while `reasons` closed-loop explanation clients keep generation busy (not reported)."""
+    emb, _ = await asyncio.gather(
+        load(url, "embeddings", ids, concurrency, seconds, tokenizer, seed, honour_retry_after),
+        load(url, "reasons", ids, reasons, seconds, tokenizer, seed + 7919, honour_retry_after))
+    return emb
+
+
 def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, tokenizer, ids: list[str],
-                 startup_timeout: float, overrides: list[str] = (), honour_retry_after: bool = True) -> dict:
+                 startup_timeout: float, overrides: list[str] = (), honour_retry_after: bool = True,
+                 reasons_in_flight: int = 0) -> dict:
     server = Server(run, engine, free_port(), run.root / f"server-{engine}.log", overrides)
     try:
         t0 = time.perf_counter()
@@ -190,8 +202,12 @@ def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, to
         out = {"engine": health["engine"], "startup_s": round(startup, 1), "embeddings": [], "reasons": []}
         for kind in ("embeddings", "reasons"):
             for c in levels:
-                res = asyncio.run(load(server.url, kind, ids, c, seconds, tokenizer, seed=c,
-                                       honour_retry_after=honour_retry_after))
+                if kind == "embeddings" and reasons_in_flight:
+                    res = asyncio.run(load_beside_reasons(server.url, ids, c, seconds, tokenizer, c,
+                                                          reasons_in_flight, honour_retry_after))
+                else:
+                    res = asyncio.run(load(server.url, kind, ids, c, seconds, tokenizer, seed=c,
+                                           honour_retry_after=honour_retry_after))
                 out[kind].append(res)
                 print(f"  {engine:5s} {kind:10s} c={c:<3d} {res['rps']:8.2f} req/s  p50 {res['p50_ms']:8.1f} ms  "
                       f"p99 {res['p99_ms']:8.1f} ms  errors {res['errors'] or 0}"
@@ -217,6 +233,8 @@ def main() -> int:
                     help="config override for every server, e.g. serve.vllm_max_num_batched_tokens=512")
     ap.add_argument("--ignore-retry-after", action="store_true",
                     help="clients resend at once after a 503 instead of waiting Retry-After (a hostile overload)")
+    ap.add_argument("--reasons-in-flight", type=int, default=0, metavar="N",
+                    help="N reason clients run alongside each embeddings level (embedding latency under generation)")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -235,12 +253,14 @@ def main() -> int:
         print(f"bundle: {params / 1e6:.2f}M LM parameters (GEMM), {len(ids)} songs; {seconds:g} s per level; "
               f"GEMM bound bf16 {bounds['bf16'] / 1e9:.1f} GFLOP/s, fp32 {bounds['fp32'] / 1e9:.1f} GFLOP/s")
         results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout, args.serve_set,
-                                   honour_retry_after=not args.ignore_retry_after) for e in engines}
+                                   honour_retry_after=not args.ignore_retry_after,
+                                   reasons_in_flight=args.reasons_in_flight) for e in engines}
 
     print(f"\n{'engine':6s} {'workload':10s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
           f"{'tok/s':>7s} {'emb/s':>7s} {'GEMM bound':>10s} {'of bound':>8s}  errors")
     summary: dict = {"lm_params": params, "songs": len(ids), "seconds_per_level": seconds,
                      "clients_honour_retry_after": not args.ignore_retry_after,
+                     "reasons_in_flight_during_embeddings": args.reasons_in_flight,
                      "gemm_gflops": {k: round(v / 1e9, 2) for k, v in bounds.items()}, "engines": {}}
     for e, res in results.items():
         eng = summary["engines"][e] = {"startup_s": res["startup_s"]}

@@ -5,20 +5,38 @@ queue until the batch is full (`max_batch`) or the first item has waited `max_wa
 whole batch in a worker thread (so the event loop keeps accepting requests). All operations share one engine thread:
 a model runs one batch at a time, and interleaving two batches would only slow both down.
 
+The engine thread (`PriorityEngineThread`) takes its jobs in priority order, not in arrival order: embedding batches
+(short: one forward pass) before generation batches (a whole decode), FIFO within a priority, so under overload an
+embedding waits for the batch that is running, not for every reason batch queued before it. Starvation rule: after
+`burst` jobs in a row (default 4) that each overtook an older waiting job, the next job is the oldest waiting one,
+so generation still runs at least once every `burst + 1` jobs under a continuous stream of embeddings. While a batch
+is with the engine, a batcher whose queue already holds a full batch hands that batch to the engine thread too (at
+most one ahead): without it, the next embedding batch would be formed only once the last one has returned to the
+event loop, by which time the engine thread has already started a waiting generation batch.
+
 Back-pressure instead of unbounded latency: a request that would push the number of queued items past `max_queue`
 is refused at once with `Overloaded` (HTTP 503), and a request still unanswered after `timeout_s` gets
-`RequestTimeout` (HTTP 504); if it was still queued, its items are dropped and never computed.
+`RequestTimeout` (HTTP 504); if it was still queued, its items are dropped and never computed (so is a batch
+waiting for the engine thread once all of its requests have timed out).
 
 Written here rather than taken from a library: the batching libraries on PyPI (e.g. Ray Serve's @serve.batch) need
-their own serving runtime; this is the ~100-line core that a FastAPI app on one engine needs.
+their own serving runtime; this is the small core that a FastAPI app on one engine needs.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+# Priorities of the engine work (`PriorityEngineThread`): lower runs first.
+EMBED_PRIORITY = 0
+GENERATE_PRIORITY = 1
 
 
 class Overloaded(RuntimeError):
@@ -48,27 +66,172 @@ class BatchStats:
         return dict(self.__dict__)
 
 
+@dataclass
+class _Job:
+    seq: int
+    future: Future
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+
+
+class _EngineQueue:
+    """The state the engine thread reads (kept apart from `PriorityEngineThread` so that the thread holds no
+    reference to it, and dropping an unused `PriorityEngineThread` ends its thread, as a ThreadPoolExecutor does)."""
+
+    def __init__(self, burst: int):
+        self.burst = burst
+        self.cv = threading.Condition()
+        self.levels: dict[int, deque[_Job]] = {}
+        self.seq = itertools.count()
+        self.overtakes = 0  # consecutive jobs taken ahead of an older waiting job
+        self.shutdown = False
+        self.thread: threading.Thread | None = None
+
+    def close(self, cancel: bool = False) -> None:
+        with self.cv:
+            self.shutdown = True
+            if cancel:
+                for q in self.levels.values():
+                    while q:
+                        q.popleft().future.cancel()
+            self.cv.notify_all()
+
+    def take(self) -> _Job | None:
+        """The next job to run, marked running; None when there is none. Called with `cv` held."""
+        while True:
+            heads = []
+            for prio in sorted(self.levels):
+                q = self.levels[prio]
+                while q and q[0].future.cancelled():  # cancelled while waiting: never run
+                    q.popleft()
+                if q:
+                    heads.append(q[0])
+            if not heads:
+                return None
+            first, oldest = heads[0], min(heads, key=lambda j: j.seq)
+            # The starvation rule: `burst` overtakes in a row, then the oldest waiting job, whatever its priority.
+            job = oldest if oldest is not first and self.overtakes >= self.burst else first
+            for q in self.levels.values():
+                if q and q[0] is job:
+                    q.popleft()
+                    break
+            if not job.future.set_running_or_notify_cancel():
+                continue  # cancelled just now
+            self.overtakes = self.overtakes + 1 if job is not oldest else 0
+            return job
+
+
+_engine_queues: weakref.WeakSet[_EngineQueue] = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    # As concurrent.futures does for its executors: before the interpreter finalizes, stop the engine threads and
+    # join them. Queued jobs are dropped (nobody waits for them), a running one finishes. A thread still inside the
+    # engine at finalization would be torn down in its C++ code (std::terminate: the process aborts).
+    states = list(_engine_queues)
+    for state in states:
+        state.close(cancel=True)
+    for state in states:
+        if state.thread is not None:
+            state.thread.join()
+
+
+threading._register_atexit(_at_exit)
+
+
+def _engine_loop(state: _EngineQueue) -> None:
+    while True:
+        with state.cv:
+            job = state.take()
+            while job is None and not state.shutdown:
+                state.cv.wait()
+                job = state.take()
+            if job is None:  # shut down and nothing left
+                return
+        try:
+            result = job.fn(*job.args, **job.kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future, as an executor does
+            job.future.set_exception(e)
+        else:
+            job.future.set_result(result)
+        del job
+
+
+class PriorityEngineThread:
+    """One engine thread whose jobs run in priority order: `submit(priority, fn, *args)` returns a
+    `concurrent.futures.Future`; the lowest priority number waiting runs next, FIFO within a priority.
+
+    Starvation rule: a job that is taken while an older job of a less urgent priority waits "overtakes" it; after
+    `burst` overtakes in a row the next job is the oldest waiting one, whatever its priority (then the count starts
+    again). With two priorities, a waiting job of the less urgent one runs after at most `burst` more urgent jobs
+    submitted after it (plus the running one and those submitted before it). A future cancelled before its job
+    starts is never run. `shutdown` as `Executor.shutdown`."""
+
+    def __init__(self, *, burst: int = 4, name: str = "engine"):
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1 (got {burst})")
+        self.name = name
+        self._state = _EngineQueue(burst)
+        _engine_queues.add(self._state)
+        weakref.finalize(self, self._state.close)  # unreferenced: the thread finishes what it has and ends
+
+    @property
+    def burst(self) -> int:
+        return self._state.burst
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        return self._state.thread
+
+    def submit(self, priority: int, fn: Callable[..., Any], /, *args, **kwargs) -> Future:
+        st, future = self._state, Future()
+        with st.cv:
+            if st.shutdown:
+                raise RuntimeError(f"{self.name}: cannot schedule new work after shutdown")
+            st.levels.setdefault(priority, deque()).append(_Job(next(st.seq), future, fn, args, kwargs))
+            if st.thread is None:
+                # Not a daemon even when submitted from one (a server's event loop thread): joined at exit.
+                st.thread = threading.Thread(target=_engine_loop, args=(st,), name=self.name, daemon=False)
+                st.thread.start()
+            st.cv.notify()
+        return future
+
+    def pending(self, priority: int | None = None) -> int:
+        """Jobs waiting (not running, not cancelled): all, or of one priority."""
+        with self._state.cv:
+            return sum(not j.future.cancelled() for p, q in self._state.levels.items() if priority in (None, p)
+                       for j in q)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._state.close(cancel=cancel_futures)
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 class MicroBatcher:
     """Groups the items of concurrent `submit` calls into batches for `fn(items) -> results` (same length)."""
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], *, max_batch: int, max_wait_s: float,
-                 max_queue: int, timeout_s: float, executor: ThreadPoolExecutor | None = None, name: str = "batch"):
+                 max_queue: int, timeout_s: float, executor: PriorityEngineThread | Executor | None = None,
+                 priority: int = 0, name: str = "batch"):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"{name}: max_batch and max_queue must be >= 1 (got {max_batch}, {max_queue})")
-        self.fn, self.name = fn, name
+        self.fn, self.name, self.priority = fn, name, priority
         self.max_batch, self.max_wait_s, self.max_queue, self.timeout_s = max_batch, max_wait_s, max_queue, timeout_s
-        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+        self.executor = executor or PriorityEngineThread(name=f"engine-{name}")
         self.stats = BatchStats()
         self.queued_items = 0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._carry: _Pending | None = None
+        self._wake: asyncio.Future | None = None  # set by `submit` when a full batch waits
 
     def _ensure_worker(self) -> asyncio.Queue:
         # Created lazily inside the serving event loop (the app's loop, or a test's), never at import time.
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._queue, self._carry, self.queued_items = asyncio.Queue(), None, 0
+            self._queue, self._carry, self._wake, self.queued_items = asyncio.Queue(), None, None, 0
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.name}")
         return self._queue
 
@@ -84,11 +247,15 @@ class MicroBatcher:
         pending = _Pending(items, asyncio.get_running_loop().create_future())
         self.queued_items += len(items)
         queue.put_nowait(pending)
+        if self.queued_items >= self.max_batch and self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         try:
             return await asyncio.wait_for(asyncio.shield(pending.future), self.timeout_s)
         except asyncio.TimeoutError:
             self.stats.timeouts += 1
-            pending.future.cancel()  # still queued: the worker skips it; already running: its result is dropped
+            # Still queued: the worker skips it. In a batch waiting for the engine thread: the batch is dropped once
+            # all of its requests have timed out. Already running: its result is dropped.
+            pending.future.cancel()
             raise RequestTimeout(f"request not answered within {self.timeout_s:g}s") from None
 
     async def _collect(self) -> list[_Pending]:
@@ -116,18 +283,57 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        inflight: asyncio.Task | None = None  # the last batch handed to the engine, until it is answered
         while True:
+            if inflight is not None:
+                await self._until_answered_or_full(loop, inflight)
+            ahead = inflight is not None and not inflight.done()  # a full batch waits: hand it over now
             batch = await self._collect()
+            live = [p for p in batch if not p.future.done()]  # timed-out requests are not computed
+            if ahead and live:
+                # At most one batch ahead; its items count as queued until the batch before it is answered.
+                task = loop.create_task(self._execute(loop, live))
+                await asyncio.wait({inflight})
+                inflight = task
+            elif live:
+                inflight = loop.create_task(self._execute(loop, live))
             for p in batch:  # a carried request stays counted until it opens its own batch
                 self.queued_items -= len(p.items)
-            live = [p for p in batch if not p.future.done()]  # timed-out requests are not computed
-            if live:
-                await self._execute(loop, live)
+
+    async def _until_answered_or_full(self, loop, inflight: asyncio.Task) -> None:
+        while not inflight.done() and self.queued_items < self.max_batch:
+            self._wake = loop.create_future()
+            await asyncio.wait({inflight, self._wake}, return_when=asyncio.FIRST_COMPLETED)
+        self._wake = None
+
+    def _submit_job(self, items: list[Any]) -> Future:
+        if isinstance(self.executor, PriorityEngineThread):
+            return self.executor.submit(self.priority, self.fn, items)
+        return self.executor.submit(self.fn, items)
 
     async def _execute(self, loop, live: list[_Pending]) -> None:
         items = [it for p in live for it in p.items]
         try:
-            results = await loop.run_in_executor(self.executor, self.fn, items)
+            job = self._submit_job(items)
+
+            def abandon(_):  # every request of the batch timed out: a job still waiting for the engine is dropped
+                if all(p.future.done() for p in live):
+                    job.cancel()  # no effect once it runs
+
+            for p in live:
+                p.future.add_done_callback(abandon)
+            answer = asyncio.wrap_future(job)
+            try:
+                await asyncio.wait({answer})  # unlike `await answer`, not raising when the job is cancelled
+            except asyncio.CancelledError:  # this task was cancelled (the event loop is closing)
+                job.cancel()
+                raise
+            if answer.cancelled():  # dropped before it ran: its requests timed out, or the engine shut down
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(Overloaded(f"{self.name}: the engine shut down; retry later"))
+                return
+            results = answer.result()
             if len(results) != len(items):
                 raise RuntimeError(f"{self.name}: engine returned {len(results)} results for {len(items)} items")
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others: re-run one by one
@@ -190,15 +396,18 @@ class ConcurrentCalls:
 
 class BatchedEngine:
     """An `Engine` behind micro-batchers: `await embed(items)` and `await generate(items, max_new_tokens)` from
-    many concurrent requests become few engine calls. All batchers share one engine thread."""
+    many concurrent requests become few engine calls. All batchers share one engine thread, which runs a waiting
+    embedding batch before waiting generation batches, except that after `embed_burst` embedding batches in a row
+    that overtook a waiting generation batch, the oldest waiting generation batch runs (`PriorityEngineThread`)."""
 
-    def __init__(self, engine, *, max_batch: int, max_wait_s: float, max_queue: int, timeout_s: float):
+    def __init__(self, engine, *, max_batch: int, max_wait_s: float, max_queue: int, timeout_s: float,
+                 embed_burst: int = 4):
         self.engine, self.max_queue = engine, max_queue
         self.shed = 0  # requests refused by `admit` before they were read
         self._kw = dict(max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue, timeout_s=timeout_s)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.embedder = MicroBatcher(lambda items: list(engine.embed(items)), executor=self._executor, name="embed",
-                                     **self._kw)
+        self._executor = PriorityEngineThread(burst=embed_burst, name="engine")
+        self.embedder = MicroBatcher(lambda items: list(engine.embed(items)), executor=self._executor,
+                                     priority=EMBED_PRIORITY, name="embed", **self._kw)
         self._generators: dict[int, MicroBatcher] = {}
         self._concurrent: ConcurrentCalls | None = None
         if getattr(engine, "concurrent_calls", False):  # the engine batches across calls (vLLM)
@@ -219,7 +428,7 @@ class BatchedEngine:
         if max_new_tokens not in self._generators:
             self._generators[max_new_tokens] = MicroBatcher(
                 lambda items, n=max_new_tokens: self.engine.generate(items, n), executor=self._executor,
-                name=f"generate{max_new_tokens}", **self._kw)
+                priority=GENERATE_PRIORITY, name=f"generate{max_new_tokens}", **self._kw)
         return await self._generators[max_new_tokens].submit(items)
 
     def stats(self) -> dict[str, dict[str, int]]:
