@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=float, default=900.0, help="serve.request_timeout_s of the servers")
     args = ap.parse_args()
     run = RunDir(Path(args.run_dir))
     catalog = load_catalog(run.catalog)
@@ -70,7 +71,8 @@ def main() -> int:
     for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
         for samples in (1, 2):
             server = Server(run, engine, free_port(), run.root / f"bench-reasons-{engine}-{samples}.log",
-                            [f"serve.reason_samples={samples}"])
+                            # CPU answers to k=10 reasons take tens of seconds: no 504 at the default 30 s
+                            [f"serve.reason_samples={samples}", f"serve.request_timeout_s={args.timeout}"])
             try:
                 server.wait(args.startup_timeout)
                 asyncio.run(load(server.url, users, args.k, 1, 1.0, seed=99))  # warm-up, not reported

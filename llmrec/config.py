@@ -178,6 +178,9 @@ class ServeConfig:
     index: str = "flat"  # `flat` (exact inner product), `ivf`, `hnsw`
     media_roots: list[str] = field(default_factory=list)
     max_wait_ms: float = 5.0  # dynamic batching: how long the first queued request waits for others
+    # The engine thread runs embedding batches before waiting generation batches (short work first), but after
+    # this many in a row the oldest waiting generation batch goes next (serve.batching.PriorityEngineThread).
+    embed_burst: int = 4
     max_new_tokens: int = 48  # reason length
     # Verified reasons (serve/reasons.py): the greedy reason plus `reason_samples - 1` sampled at this temperature
     # are checked against the evidence; the first that holds is returned, else the plain evidence sentence.

@@ -48,8 +48,8 @@ from serve.batching import BatchedEngine, Overloaded, RequestTimeout
 from serve.engines.base import Engine
 from serve.index import SongIndex, load_index
 from serve.inputs import MediaCodec, RequestError, SongInputs, SongMedia, resolve_media_path
-from serve.reasons import ReasonWriter
 from serve.metrics import Metrics
+from serve.reasons import ReasonWriter
 
 log = logging.getLogger("llmrec.serve")
 API_KEY_ENV = "LLMREC_API_KEY"
@@ -123,7 +123,7 @@ def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: So
         inputs.add_song(sid, row, added_media.get(sid) or inputs.empty_media())
     s = cfg.serve
     batched = BatchedEngine(engine, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
-                            timeout_s=s.request_timeout_s)
+                            timeout_s=s.request_timeout_s, embed_burst=s.embed_burst)
     return ServerState(cfg, run, engine, batched, inputs, index, MediaCodec(cfg, run.features / "encoders"), reasons,
                        model_name=f"llmrec-{cfg.name}-{engine.bundle_hash[:12]}",
                        api_key=s.api_key or os.environ.get(API_KEY_ENV) or None)
