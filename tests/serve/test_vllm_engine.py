@@ -7,6 +7,7 @@ torchvision/torchaudio/torchcodec, see README "vLLM on CPU/GPU"). The checkpoint
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -129,6 +130,19 @@ def test_reasons_equal_the_transformers_engine_token_for_token(engines, reason_i
         rows = list(pool.map(lambda ib: vllm_engine.generate_ids([reason_inputs[ib[0]]], ib[1])[0],
                              enumerate(budgets)))
     assert rows == [g[:b] for g, b in zip(got, budgets)]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_sampled_reasons_are_reproducible_for_their_seed(engines, reason_inputs):
+    """The server's extra answers (`sample_seed`): vLLM seeds each request, so the same seed gives the same text
+    whatever else runs, and a seeded answer is a sample, not the greedy one."""
+    vllm_engine, _ = engines
+    seeded = [dataclasses.replace(it, sample_seed=7) for it in reason_inputs]
+    once = vllm_engine.generate(seeded, MAX_NEW)
+    mixed = vllm_engine.generate([reason_inputs[0], seeded[1], seeded[2]], MAX_NEW)
+    assert mixed[1:] == once[1:3] and all(isinstance(t, str) for t in once)
+    assert once != vllm_engine.generate(reason_inputs, MAX_NEW)
 
 
 @pytest.mark.slow
