@@ -128,8 +128,11 @@ def ground_truth(writer, cases: Sequence["ReasonCase"], plans_history: Sequence[
     truth_attrs = true_attributes(attributes)
     labels = {name: sorted({e.value for es in truth_attrs.values() for e in es if e.attribute == name})
               for name in TRUE_ATTRIBUTES.values()}
-    checker = ClaimChecker([writer.builder.text(s) for s in list(writer.builder.songs)],
-                           {"perceived": [v for vs in labels.values() for v in vs]} if truth_attrs else None)
+    # Without true attributes the serving checker already reads everything there is to check: reuse its vocabulary
+    # instead of building the catalog's again.
+    checker = writer.checker if not truth_attrs else ClaimChecker(
+        [writer.builder.text(s) for s in list(writer.builder.songs)],
+        {"perceived": [v for vs in labels.values() for v in vs]})
     b = writer.builder
     facts = [b.build(h, c.song_id, c.user_id, limit=None) + truth_attrs.get(c.song_id, [])
              for c, h in zip(cases, plans_history)]

@@ -322,8 +322,12 @@ def phrase(items: Sequence[Evidence], has_history: bool, rng: np.random.Generato
     history song, so the claim checker never reads an own fact as a shared one. Without `rng` the wording is
     fixed (the server's fallback); with one, the opener, the order and how many items are said vary (stage-2
     answers, so the model learns to phrase evidence rather than one sentence). No items: `GENERIC_REASON`."""
-    # One clause per fact: "it is hiphop like "A"" and "... like "B"" say the same thing twice.
-    linked = list({(e.kind, e.value): e for e in reversed([e for e in items if e.linked])}.values())[::-1]
+    # One clause per fact, the first in evidence order: "it is hiphop like "A"" and "... like "B"" say it twice.
+    linked, said = [], set()
+    for e in items:
+        if e.linked and (e.kind, e.value) not in said:
+            said.add((e.kind, e.value))
+            linked.append(e)
     own = [e for e in items if not e.linked]
     if rng is not None:
         linked = _some(linked, 1, max_linked, rng)

@@ -125,6 +125,10 @@ def test_cut_off_or_looping_answers_are_never_returned_even_with_true_claims(che
 def test_a_fact_shared_with_two_history_songs_is_said_once_and_short_answers_are_not_served(checker):
     twice = [Evidence("genre", "rock", "s3", "Paper Crown"), Evidence("genre", "rock", "s2", "Silent River")]
     assert phrase(twice, True) == 'Recommended because it is rock like "Paper Crown".'
+    # ... and the facts keep their evidence order
+    mixed = [twice[0], Evidence("tag", "seen live", "s3", "Paper Crown"), twice[1]]
+    assert phrase(mixed, True) == ('Recommended because it is rock like "Paper Crown" and it is tagged seen live '
+                                   'like "Paper Crown".')
     r = choose_reason(checker, ["By The Foxes."], FACTS, HISTORY, "Golden Harbor", True)
     assert r.source == "evidence"  # true, but three words are not a reason
 
