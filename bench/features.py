@@ -46,6 +46,7 @@ from data_prep.synthetic import generate_catalog  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402
 from llmrec.schema import Catalog  # noqa: E402
 from llmrec.model.encoders import MediaEncoder, save_encoder  # noqa: E402
+from llmrec.text_features import build_text_features  # noqa: E402
 
 
 def cores() -> int:
@@ -246,7 +247,7 @@ def _end_to_end_child(tasks, spec, mode: tuple, workers: int, catalog, cfg, out_
     t0 = time.perf_counter()
     songs = []
     on_done = lambda record: songs.append(len(record["song_ids"]))  # noqa: E731
-    text = partial(extract.build_text_features, catalog, cfg, out_dir, progress=False)
+    text = partial(build_text_features, catalog, cfg, out_dir, progress=False)
     if use_pool and text_when == "before":
         extract.start_fork_server("forkserver")
     if text_when == "before":

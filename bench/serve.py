@@ -4,8 +4,8 @@
                           [--hidden 128 --layers 2] [--run-dir DIR] [--reasons-in-flight N]
 
 Without --run-dir it builds, in a temporary directory, the quick synthetic catalog with random media features and
-an untrained tiny bundle (`serve.tiny`; `--hidden/--layers` make the backbone wider), builds the index once, then
-for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CLI + uvicorn path) and measures:
+an untrained tiny bundle (`testkit.tiny_bundle`; `--hidden/--layers` make the backbone wider), builds the index
+once, then for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CLI + uvicorn path) and measures:
   - embeddings: `POST /v1/embeddings` with one catalog song per request;
   - reasons: `POST /v1/explanations` with 1-5 history songs (prompt ~60-250 tokens) and an answer budget of
     8, 32 or 96 tokens (an untrained model rarely stops early, so answers use their budget);
@@ -51,7 +51,7 @@ def build_run(work: Path, hidden: int, layers: int, quick: bool) -> RunDir:
     from data_prep.synthetic import generate_catalog
     from serve.app import build_index
     from serve.engines.hf import HFEngine
-    from serve.tiny import TINY_LM, build_tiny_bundle, make_serve_run, wide_lm
+    from testkit.tiny_bundle import TINY_LM, build_tiny_bundle, make_serve_run, wide_lm
 
     cfg = load_config(extra_presets=["quick"], overrides=["synthetic.audio_seconds=1.0"])
     cfg.name = "bench-serve"

@@ -2,7 +2,7 @@
 
     python bench/train.py [--quick] [--nproc 2] [--hidden 1024] [--layers 12] [--steps N] [--batch-size B]
 
-Each strategy runs `train.tinyjob` (stage-2-shaped: LoRA + projectors + heads, LM loss + 2 InfoNCE losses) under
+Each strategy runs `testkit.tinyjob` (stage-2-shaped: LoRA + projectors + heads, LM loss + 2 InfoNCE losses) under
 `torchrun --nproc_per_node 2` with DS_ACCELERATOR=cpu and gloo on CPU (nccl on GPUs). Measured per strategy:
 median step time after the first step, tokens/s over all processes (prompt+answer tokens of the LM batch and of
 both embedding batches), and per-process peak RSS up to the last training step ("model" = that peak minus the RSS
@@ -50,7 +50,7 @@ def mmap_threshold() -> str:
 
 
 def strategy_command(strategy: str, args) -> tuple[str, list[str]]:
-    """(train.tinyjob strategy, its extra arguments) of a bench strategy name."""
+    """(testkit.tinyjob strategy, its extra arguments) of a bench strategy name."""
     if strategy == "zero3-capped":
         cap = str(int(args.zero3_live))
         return "zero3", ["--ds-set", f"zero_optimization.stage3_max_live_parameters={cap}",
@@ -65,7 +65,7 @@ def run_strategy(strategy: str, out: Path, args) -> dict:
         env["MALLOC_MMAP_THRESHOLD_"] = mmap_threshold()
     job, extra = strategy_command(strategy, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-           str(args.port), "-m", "train.tinyjob", "--strategy", job, "--out", str(out), "--steps",
+           str(args.port), "-m", "testkit.tinyjob", "--strategy", job, "--out", str(out), "--steps",
            str(args.steps), "--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--layers",
            str(args.layers), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

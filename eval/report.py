@@ -213,7 +213,7 @@ def text_item_vectors(cfg: Config, run: RunDir, catalog: Catalog, progress: bool
     if (run.features / "text.safetensors").is_file():
         where, source = run.features, "from `llmrec features`"
     else:
-        from data_prep.extract import build_text_features
+        from llmrec.text_features import build_text_features
 
         if progress:
             print(f"  text features: {run.features / 'text.safetensors'} not found; {cfg.features.text_encoder} "

@@ -152,7 +152,7 @@ class TrainConfig:
     cf_weight: float = 1.0
     colisten_weight: float = 0.5
     temperature: float = 0.07
-    modality_dropout: float = 0.15  # stage 2: share of audio/cover rows shown as missing (train.collate)
+    modality_dropout: float = 0.15  # stage 2: share of audio/cover rows shown as missing (llmrec.model.collate)
     gradient_checkpointing: bool = False
     # Strategy: null = one process or DDP (whatever the launcher started); a DeepSpeed JSON config selects ZeRO
     # (train/configs/zero2.json, zero3.json, zero3_offload.json; their "auto" values are filled from this section).

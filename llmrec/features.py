@@ -22,6 +22,16 @@ from safetensors import safe_open
 from llmrec.io import MissingArtefactError, file_sha256
 
 
+def read_shard_metadata(path: Path) -> dict | None:
+    """The safetensors header metadata (no tensor data is read), or None for an unreadable file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a broken or foreign file is simply not a finished shard
+        return None
+
+
+
 class ShardedRows:
     """One feature tensor (`audio` or `cover`) of every song, spread over the manifest's shards and read on demand.
 
@@ -140,6 +150,26 @@ class TextFeatures:
     index: dict[str, int]
     text: torch.Tensor  # [N, d] float32, rows L2-normalised
     encoder: str
+
+
+def media_rows(features, song_ids: Sequence[str], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature rows [N, L, K, D] and presence [N] for `song_ids`; songs without features count as missing.
+    `features.audio`/`.cover` may be on-demand `ShardedRows`: the known rows are read in one indexing call."""
+    feats, present = getattr(features, modality), getattr(features, f"{modality}_present")
+    idx = [features.index.get(s, -1) for s in song_ids]
+    known = [j for j, i in enumerate(idx) if i >= 0]
+    rows = torch.zeros((len(idx), *feats.shape[1:]), dtype=torch.float32)
+    if known:
+        rows[known] = feats[[idx[j] for j in known]].float()
+    pres = torch.tensor([float(present[i]) if i >= 0 else 0.0 for i in idx])
+    return rows, pres
+
+
+def text_rows(text_features, song_ids: Sequence[str]) -> torch.Tensor:
+    """Sentence-encoder rows [N, d] for `song_ids` (`llmrec.features.TextFeatures`); zeros for a song without."""
+    zero = text_features.text.new_zeros(text_features.text.shape[1])
+    return torch.stack([text_features.text[text_features.index[s]] if s in text_features.index else zero
+                        for s in song_ids]).float()
 
 
 def _missing(features_dir: Path, what: str) -> MissingArtefactError:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmrec.io import MissingArtefactError, atomic_path, atomic_write_json
+from llmrec.text import repair_utf8
 
 
 class SchemaError(ValueError):
@@ -121,20 +122,12 @@ def _clean_text(value: Any, table: str, row: int, name: str, report: ValidationR
     """Return valid UTF-8 text; bytes and lone surrogates are decoded/replaced and counted."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            report.add(f"{table}.{name}.invalid_utf8", f"row {row}")
-            return value.decode("utf-8", errors="replace")
-    if not isinstance(value, str):
+    if not isinstance(value, (str, bytes)):
         raise SchemaError(f"{table} row {row}: field {name!r} = {value!r} is not text")
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:  # lone surrogates, e.g. from a surrogateescape decode of a broken file
+    text, repaired = repair_utf8(value)
+    if repaired:
         report.add(f"{table}.{name}.invalid_utf8", f"row {row}")
-        return value.encode("utf-8", errors="replace").decode("utf-8")
+    return text
 
 
 def _as_list(value: Any, table: str, row: int, name: str, report: ValidationReport) -> list[str]:

@@ -92,26 +92,34 @@ def is_injection_like(text: str) -> bool:
     return bool(_INJECTION_RE.search(text))
 
 
+def repair_utf8(value: str | bytes | bytearray | memoryview) -> tuple[str, bool]:
+    """Valid UTF-8 text and whether it needed repair: undecodable bytes and lone surrogates (e.g. from a
+    surrogateescape decode of a broken file) become U+FFFD. The one rule of the catalog validator and the
+    sanitiser."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace"), True
+    try:
+        value.encode("utf-8")
+        return value, False
+    except UnicodeEncodeError:
+        return re.sub("[\ud800-\udfff]", "\ufffd", value), True
+
+
 def _decode(text: str | bytes | None, stats: Counter | None) -> str:
     if text is None:
         return ""
-    if isinstance(text, (bytes, bytearray, memoryview)):
-        raw = bytes(text)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            _count(stats, "invalid_utf8")
-            return raw.decode("utf-8", errors="replace")
-    if not isinstance(text, str):
+    if not isinstance(text, (str, bytes, bytearray, memoryview)):
         if _missing(text):
             return ""
         raise TypeError(f"sanitize_text: expected str or bytes, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:  # lone surrogates, e.g. from a surrogateescape decode of a broken file
+    text, repaired = repair_utf8(text)
+    if repaired:
         _count(stats, "invalid_utf8")
-        return re.sub("[\ud800-\udfff]", "\ufffd", text)
+    return text
 
 
 def _count(stats: Counter | None, key: str) -> None:

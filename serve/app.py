@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmrec.claims import ServedReason
 from llmrec.config import Config
 from llmrec.io import RunDir
-from llmrec.model.mm_lm import expand_placeholders
+from llmrec.model.mm_lm import prompt_token_ids
 from llmrec.ranking import HISTORY_FOR_QUERY, history_query, recent_histories
 from llmrec.split import positive_plays
 from serve.batching import BatchedEngine, Overloaded, RequestTimeout
@@ -433,8 +433,7 @@ async def embeddings(state: ServerState, request: Request) -> dict:
 
 def prompt_tokens(state: ServerState, prompt: str) -> int:
     mm = state.inputs.mm
-    return 1 + len(state.inputs.tokenizer(expand_placeholders(prompt, mm.audio_tokens, mm.cover_tokens),
-                                          add_special_tokens=False).input_ids)
+    return len(prompt_token_ids(state.inputs.tokenizer, prompt, mm.audio_tokens, mm.cover_tokens))
 
 
 def add_songs(state: ServerState, rows: list[tuple[tuple[dict, SongMedia], np.ndarray]]) -> None:
@@ -631,7 +630,7 @@ def embed_on_ray(chunks: list[list], bdir: Path, cfg: Config) -> list[np.ndarray
         from ray.util import ActorPool
     except ImportError:
         raise RuntimeError('features.engine=ray needs Ray: pip install "llmrec[ray]"') from None
-    from data_prep.extract import resolve_workers
+    from llmrec.parallel import resolve_workers
 
     workers = resolve_workers(cfg.features.workers)
     started = not ray.is_initialized()

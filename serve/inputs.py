@@ -3,10 +3,10 @@
 Prompts are built exactly as training built them (`llmrec.model.mm_lm.item_prompt` for song embeddings, the stage-2
 prompt for reasons) and every text field passes through `llmrec.text`'s sanitiser on the way (the builders call
 `sanitize_song`). Media rows for catalog songs come from the run's feature shards; an uploaded or referenced file
-is decoded with `data_prep.audio` / `data_prep.image` and encoded with the run's frozen encoders, exactly as
+is decoded with `llmrec.media.audio` / `llmrec.media.image` and encoded with the run's frozen encoders, exactly as
 `data_prep.extract` does for the catalogue. A bundle that fuses sentence-encoder features into its embedding head
 (`MMConfig.text_dim`) gets catalog songs' rows from `features/text.safetensors` and a new song's from the same
-encoder run on its (sanitised) text by `data_prep.extract.song_text`, as `llmrec features` built them.
+encoder run on its (sanitised) text by `llmrec.text_features.song_text`, as `llmrec features` built them.
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_prep.audio import MediaError, load_audio
-from data_prep.image import load_image
+from llmrec.media.audio import MediaError, load_audio
+from llmrec.media.image import load_image
 from llmrec.config import Config
 from llmrec.model.mm_lm import MediaBatch, MMConfig, item_prompt
 from llmrec.text import Prompt, sanitize_text
 from serve.engines.base import EngineInput
-from train.collate import media_rows, text_rows
+from llmrec.features import media_rows, text_rows
 
 SONG_TEXT_FIELDS = ("title", "artist", "album", "language", "release_date", "lyrics")
 SONG_LIST_FIELDS = ("genres", "tags", "comments")
@@ -162,7 +162,7 @@ class TextCodec:
         self._lock = threading.Lock()  # one encoder shared by request threads
 
     def encode(self, row: Mapping[str, Any]) -> torch.Tensor:
-        from data_prep.extract import encode_texts, song_text
+        from llmrec.text_features import encode_texts, song_text
 
         with self._lock:
             return torch.from_numpy(encode_texts([song_text(dict(row))], self.encoder)[0])

@@ -27,7 +27,7 @@ from llmrec.model.losses import info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
-from train.collate import MultimodalCollator, drop_modalities
+from llmrec.model.collate import MultimodalCollator, drop_modalities
 from train.distributed import backbone_hidden_size, build_accelerator, enable_gradient_checkpointing
 from train.export import export_bundle
 from train.loop import StepSampler, fit
@@ -180,6 +180,15 @@ def add_lora(model: MultimodalLM, cfg: Config) -> None:
     model.lm = get_peft_model(model.lm, lora)
 
 
+def train_stage2_parameters(model: MultimodalLM) -> None:
+    """Stage 2's trainable set: the LoRA weights and everything outside the backbone (projectors, heads); the
+    backbone's own weights stay frozen. One definition for training, the distributed test job and the tests."""
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "lora_" in name or not name.startswith("lm."):
+            p.requires_grad_(True)
+
+
 def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict[str, str], accelerator,
            progress: bool) -> list[float]:
     done = run.model / "stage2"
@@ -188,10 +197,7 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
         model.load_multimodal(done)
         return json.loads((done / "losses.json").read_text())
     add_lora(model, cfg)
-    model.requires_grad_(False)
-    for name, p in model.named_parameters():
-        if "lora_" in name or not name.startswith("lm."):
-            p.requires_grad_(True)
+    train_stage2_parameters(model)
     reasons = _rows_that_fit(load_from_disk(str(run.examples / "stage2")).to_list(), collate, "stage 2")
     pairs = load_from_disk(str(run.examples / "pairs")).to_list()
     lm_sampler = StepSampler(len(reasons), cfg.train.batch_size, cfg.seed + 2)

@@ -33,7 +33,7 @@ from PIL import Image
 from llmrec.config import EncoderConfig, ModelConfig
 
 # transformers is imported inside the functions that build models: importing it costs ~5 s per process, and the
-# feature stage's parent process, data_prep.image and the readers only need the light helpers of this module.
+# feature stage's parent process, llmrec.media.image and the readers only need the light helpers of this module.
 if TYPE_CHECKING:
     from transformers import HubertConfig, ViTConfig
 

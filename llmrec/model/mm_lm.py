@@ -69,6 +69,13 @@ def expand_placeholders(text: str, audio_tokens: int, cover_tokens: int) -> str:
     return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * audio_tokens).replace(COVER_TOKEN, COVER_TOKEN * cover_tokens)
 
 
+def prompt_token_ids(tokenizer, prompt: str, audio_tokens: int, cover_tokens: int) -> list[int]:
+    """The token ids of a prompt: `[BOS] + tokenizer(expand_placeholders(prompt))`, no EOS. The one tokenisation
+    rule of training (`llmrec.model.collate`), both serving engines and the server's usage counts."""
+    text = expand_placeholders(prompt, audio_tokens, cover_tokens)
+    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+
+
 def item_prompt(song, tokenizer, cfg: MMConfig, max_length: int, budget: int) -> str:
     """One song's embedding prompt — the one rule shared by training (`train.stages.item_prompts`) and serving
     (`serve.inputs`), so served embeddings match the trained ones. Both placeholders are always present (a missing
@@ -97,6 +104,10 @@ class MultimodalLM(nn.Module):
         self.audio_id, self.cover_id, self.embed_id = ids
 
     # ---------------------------------------------------------------------------------------------- splice
+    def prompt_token_ids(self, prompt: str) -> list[int]:
+        """`prompt_token_ids` with this model's tokenizer and placeholder counts."""
+        return prompt_token_ids(self.tokenizer, prompt, self.cfg.audio_tokens, self.cfg.cover_tokens)
+
     def _fill(self, embeds: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, name: str) -> torch.Tensor:
         n_slots, n_vecs = int(mask.sum()), tokens.shape[0] * tokens.shape[1]
         if n_slots != n_vecs:

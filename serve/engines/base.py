@@ -5,8 +5,8 @@ give the same outputs for the same inputs: the same greedy reason, and the same 
 HTTP app, the index builder and the benchmarks talk only to this interface.
 
 Shared rules, so the engines cannot drift apart:
-- a prompt is tokenised as `[BOS] + tokenizer(expand_placeholders(prompt))` (`prompt_token_ids`), exactly as the
-  training collator does;
+- a prompt is tokenised as `[BOS] + tokenizer(expand_placeholders(prompt))`
+  (`llmrec.model.mm_lm.prompt_token_ids`), exactly as the training collator does;
 - media rows are spliced by `MultimodalLM.splice` (the n-th placeholder group takes the n-th feature row);
 - the song embedding is `MultimodalLM.head` applied to the final hidden state at the last prompt token, which is
   the `<emb>` token of an embedding prompt (`llmrec.text.build_embed_prompt` ends with it).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmrec.model.mm_lm import MediaBatch, MultimodalLM, expand_placeholders
+from llmrec.model.mm_lm import MediaBatch, MultimodalLM
 from llmrec.text import EMBED_TOKEN, answer_text
 
 
@@ -32,13 +32,6 @@ class EngineInput:
     # None: the greedy answer. A seed: an answer sampled at the engine's `reason_temperature` with that seed (the
     # server checks several and returns one that holds against the evidence; serve/reasons.py).
     sample_seed: int | None = None
-
-
-def prompt_token_ids(model: MultimodalLM, prompt: str) -> list[int]:
-    """Token ids of one prompt exactly as training saw it (BOS + expanded placeholders, no EOS)."""
-    tok = model.tokenizer
-    return [tok.bos_token_id] + tok(expand_placeholders(prompt, model.cfg.audio_tokens, model.cfg.cover_tokens),
-                                    add_special_tokens=False).input_ids
 
 
 def check_embed_prompt(model: MultimodalLM, ids: list[int]) -> None:
@@ -66,8 +59,8 @@ class Engine(ABC):
         return str(self.meta["content_hash"])
 
     def token_ids(self, item: EngineInput, reserve: int = 0) -> list[int]:
-        """`prompt_token_ids` of the item, refused clearly when it (+ `reserve` tokens to generate) overflows."""
-        ids = prompt_token_ids(self.model, item.prompt)
+        """The item's prompt token ids, refused clearly when it (+ `reserve` tokens to generate) overflows."""
+        ids = self.model.prompt_token_ids(item.prompt)
         if len(ids) + reserve > self.max_positions:
             raise ValueError(f"prompt of {len(ids)} tokens (+{reserve} to generate) exceeds the model's context of "
                              f"{self.max_positions} tokens; shorten the text fields")

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmrec.features import ShardedRows, load_media_features, pooled_rows
-from serve.tiny import write_random_features
-from train.collate import media_rows
+from testkit.tiny_bundle import write_random_features
+from llmrec.features import media_rows
 
 IDS = [f"s{i:05d}" for i in range(23)]
 

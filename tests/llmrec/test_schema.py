@@ -112,7 +112,7 @@ def test_invalid_utf8_is_replaced_and_counted():
     songs.at[1, "comments"] = ["ok", "bad \udcff surrogate"]
     out, _, _, report = validate_catalog(songs, users, inter)
     assert out.lyrics[0] == "caf\ufffd \ufffd"
-    assert out.comments[1] == ["ok", "bad ? surrogate"]  # what Python's "replace" encoder writes for a surrogate
+    assert out.comments[1] == ["ok", "bad \ufffd surrogate"]  # the same replacement character as for bytes
     assert report.counts["songs.lyrics.invalid_utf8"] == 1
     assert report.counts["songs.comments.invalid_utf8"] == 1
     out.comments[1][1].encode("utf-8")  # valid UTF-8 now

@@ -11,7 +11,7 @@ import pytest
 
 from llmrec.text import build_embed_prompt, build_stage2_prompt
 from serve.engines.base import EngineInput
-from serve.tiny import TINY_MM, build_tiny_bundle, make_serve_run, random_media, tiny_songs
+from testkit.tiny_bundle import TINY_MM, build_tiny_bundle, make_serve_run, random_media, tiny_songs
 
 __all__ = ["TINY_MM"]
 

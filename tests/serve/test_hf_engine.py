@@ -8,7 +8,7 @@ import torch
 from llmrec.config import ServeConfig
 from llmrec.text import answer_text
 from serve.engines import load_engine, resolve_engine_name
-from serve.engines.base import EngineInput, concat_media, prompt_token_ids
+from serve.engines.base import EngineInput, concat_media
 from serve.engines.hf import HFEngine
 
 
@@ -23,7 +23,7 @@ def test_embeddings_are_unit_norm_and_equal_the_models_own(engine, embed_inputs)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     model = engine.model
     for item, row in zip(embed_inputs, emb):
-        ids = torch.tensor([prompt_token_ids(model, item.prompt)])
+        ids = torch.tensor([model.prompt_token_ids(item.prompt)])
         with torch.no_grad():
             ref = model.embed(ids, torch.ones_like(ids), item.media)[0].numpy()
         np.testing.assert_allclose(row, ref, atol=1e-5)
@@ -44,7 +44,7 @@ def test_batched_embeddings_and_reasons_equal_one_by_one(engine, embed_inputs, r
 def test_generate_is_greedy_from_the_spliced_prompt(engine, reason_inputs):
     item = reason_inputs[2]
     model = engine.model
-    ids = torch.tensor([prompt_token_ids(model, item.prompt)])
+    ids = torch.tensor([model.prompt_token_ids(item.prompt)])
     out = model.generate(ids, torch.ones_like(ids), item.media, max_new_tokens=8)
     assert engine.generate([item], 8) == [answer_text(model.tokenizer.decode(out[0], skip_special_tokens=True))]
     # the media rows matter: other audio/cover features change the spliced embeddings

@@ -40,7 +40,7 @@ def test_text_fusing_bundle_gets_catalog_and_new_song_text_rows(tiny_bundle, syn
     import pytest
     import torch
 
-    from data_prep.extract import encode_texts, song_text
+    from llmrec.text_features import encode_texts, song_text
     from llmrec.config import load_config
     from llmrec.features import TextFeatures
     from serve.engines.base import concat_media

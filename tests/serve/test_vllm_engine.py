@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from llmrec.config import ServeConfig
 from serve.engines import vllm_available
-from serve.engines.base import EngineInput, prompt_token_ids
+from serve.engines.base import EngineInput
 from serve.engines.hf import HFEngine
 from serve.engines.vllm import (checkpoint_dtype, kv_cache_bytes, load_input_embeddings, runs_in_process,
                                  scheduler_args)
@@ -167,7 +167,7 @@ def test_pooling_returns_the_raw_last_hidden_state_of_the_spliced_prompt(engines
     hidden = vllm_engine.hidden_states([item, other])
     model = hf.model
     for it, h in zip([item, other], hidden):
-        ids = torch.tensor([prompt_token_ids(model, it.prompt)])
+        ids = torch.tensor([model.prompt_token_ids(it.prompt)])
         with torch.no_grad():
             ref = model.lm(inputs_embeds=model.splice(ids, it.media), output_hidden_states=True).hidden_states[-1]
         assert (h - ref[0, -1]).abs().max() < 1e-4  # LAST token, after the final norm

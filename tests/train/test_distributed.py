@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from train.distributed import load_ds_config, resolve_ds_config
-from train.tinyjob import build, outputs
+from testkit.tinyjob import build, outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -24,7 +24,7 @@ STEPS = 3
 def run_job(strategy: str, out: Path, *extra: str, port: int = 29517) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "train.tinyjob", "--strategy", strategy, "--out", str(out), *extra]
+           "-m", "testkit.tinyjob", "--strategy", strategy, "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

@@ -23,7 +23,7 @@ JOB = ["--strategy", "single", "--steps", "10", "--save-every", "2"]
 
 def _job(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "train.tinyjob", *JOB, "--out", str(out), *extra], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "testkit.tinyjob", *JOB, "--out", str(out), *extra], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -17,8 +17,8 @@ from llmrec.features import load_media_features
 from llmrec.io import open_run_dir
 from llmrec.model.bundle import load_bundle
 from llmrec.model.mm_lm import MultimodalLM
-from train.collate import MultimodalCollator
-from train.stages import _mm_config, add_lora, item_prompts, run_train
+from llmrec.model.collate import MultimodalCollator
+from train.stages import _mm_config, add_lora, item_prompts, run_train, train_stage2_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -125,10 +125,7 @@ def test_stage2_trains_only_lora_projectors_and_heads(trained):
     features = load_media_features(run.features)
     model = MultimodalLM(lm, tok, _mm_config(cfg, features, 32))
     add_lora(model, cfg)
-    model.requires_grad_(False)
-    for name, p in model.named_parameters():
-        if "lora_" in name or not name.startswith("lm."):
-            p.requires_grad_(True)
+    train_stage2_parameters(model)
     collate = MultimodalCollator(tok, features, model.cfg.audio_tokens, model.cfg.cover_tokens, 384)
     from datasets import load_from_disk
 

@@ -6,29 +6,10 @@ from typing import Any, Sequence
 
 import torch
 
-from llmrec.model.mm_lm import IGNORE_INDEX, MediaBatch, expand_placeholders
+from llmrec.features import media_rows, text_rows
+from llmrec.model.mm_lm import IGNORE_INDEX, MediaBatch, expand_placeholders, prompt_token_ids
 
 IGNORE = IGNORE_INDEX  # label value that the causal-LM loss skips
-
-
-def media_rows(features, song_ids: Sequence[str], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature rows [N, L, K, D] and presence [N] for `song_ids`; songs without features count as missing.
-    `features.audio`/`.cover` may be on-demand `ShardedRows`: the known rows are read in one indexing call."""
-    feats, present = getattr(features, modality), getattr(features, f"{modality}_present")
-    idx = [features.index.get(s, -1) for s in song_ids]
-    known = [j for j, i in enumerate(idx) if i >= 0]
-    rows = torch.zeros((len(idx), *feats.shape[1:]), dtype=torch.float32)
-    if known:
-        rows[known] = feats[[idx[j] for j in known]].float()
-    pres = torch.tensor([float(present[i]) if i >= 0 else 0.0 for i in idx])
-    return rows, pres
-
-
-def text_rows(text_features, song_ids: Sequence[str]) -> torch.Tensor:
-    """Sentence-encoder rows [N, d] for `song_ids` (`llmrec.features.TextFeatures`); zeros for a song without."""
-    zero = text_features.text.new_zeros(text_features.text.shape[1])
-    return torch.stack([text_features.text[text_features.index[s]] if s in text_features.index else zero
-                        for s in song_ids]).float()
 
 
 @dataclass
@@ -49,8 +30,7 @@ class MultimodalCollator:
 
     def encode(self, prompt: str, answer: str | None) -> tuple[list[int], int]:
         tok = self.tokenizer
-        text = expand_placeholders(prompt, self.audio_tokens, self.cover_tokens)
-        prompt_ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+        prompt_ids = prompt_token_ids(tok, prompt, self.audio_tokens, self.cover_tokens)
         if len(prompt_ids) > self.max_length:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds train.max_length={self.max_length}; "
                              f"lower the prompt budget or raise max_length")
@@ -59,6 +39,7 @@ class MultimodalCollator:
         # The answer follows the prompt after a space, as in running text ("Answer: You recently ..."): tokenised
         # alone it would start with a no-space token ("You" instead of " You") that the backbone never sees after
         # "Answer:" in stage 0's text, and generation after the prompt would start off-template.
+        text = expand_placeholders(prompt, self.audio_tokens, self.cover_tokens)
         joint = [tok.bos_token_id] + tok(f"{text} {answer}", add_special_tokens=False).input_ids
         if joint[: len(prompt_ids)] == prompt_ids:
             answer_ids = joint[len(prompt_ids):] + [tok.eos_token_id]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.audio import MediaError
-from data_prep.image import load_image, prepare_image
+from llmrec.media.audio import MediaError
+from llmrec.media.image import load_image, prepare_image
 
 
 def png_bytes(img: Image.Image) -> bytes:

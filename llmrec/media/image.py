@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_prep.audio import MediaError
+from llmrec.media.audio import MediaError
 from llmrec.model.encoders import image_to_pixels
 
 DEFAULT_MAX_PIXELS = 64_000_000

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from data_prep.audio import MediaError, load_audio, resample
+from llmrec.media.audio import MediaError, load_audio, resample
 
 
 def write_wav(path, wave, sr, subtype="PCM_16"):

@@ -4,7 +4,7 @@ Same pieces as `train.stages.stage2` (LoRA on the backbone + projectors + heads;
 song<->CF + InfoNCE song<->co-listened) on seeded random media features, so that a whole DDP / ZeRO-2 / ZeRO-3
 run takes seconds on CPU:
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m train.tinyjob --strategy zero3 --out /tmp/job
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m testkit.tinyjob --strategy zero3 --out /tmp/job
 
 Writes to --out: adapter/ (PEFT), multimodal.safetensors (rank 0), outputs_rank{r}.safetensors (logits and song
 embeddings of every rank on a fixed batch after training), stats_rank{r}.json (losses, step times, tokens, RSS).
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 STRATEGIES = {"single": None, "ddp": None, "zero2": "zero2.json", "zero3": "zero3.json",
               "zero3_offload": "zero3_offload.json"}
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"  # the DeepSpeed configs train ships
 GENRES = ["lo-fi", "jazz", "metal", "folk", "techno", "ambient", "soul", "punk"]
 
 
@@ -87,8 +87,8 @@ def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lor
     from llmrec.model.mm_lm import MMConfig, MultimodalLM
     from transformers import LlamaForCausalLM
     from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
-    from train.collate import MultimodalCollator
-    from train.stages import add_lora
+    from llmrec.model.collate import MultimodalCollator
+    from train.stages import add_lora, train_stage2_parameters
 
     ids = [f"s{i}" for i in range(songs)]
     reasons = [{"prompt": f"{AUDIO_TOKEN}{COVER_TOKEN} song {i} by artist {i % 5}. why?",
@@ -114,10 +114,7 @@ def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lor
     if not lora:
         return model, MultimodalCollator(tok, feats, 2, 2, max_length=96), reasons, ids, cf
     add_lora(model, cfg)
-    model.requires_grad_(False)
-    for name, p in model.named_parameters():  # stage 2's rule: LoRA + everything outside the backbone
-        if "lora_" in name or not name.startswith("lm."):
-            p.requires_grad_(True)
+    train_stage2_parameters(model)
     return model, MultimodalCollator(tok, feats, 2, 2, max_length=96), reasons, ids, cf
 
 
