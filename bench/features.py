@@ -17,7 +17,7 @@ On the synthetic catalog (generated into a temporary directory) with the tiny en
 and compares the pool with the ideal N x (single-thread rate). Modes 1-4 run in R interleaved rounds (each
 round runs every mode once); the ratios are taken within each round and their median is reported with the
 per-round values: on a shared host, back-to-back single runs spread as widely as the effect measured. Every mode
-decodes, encodes and writes real shards with the code of data_prep/extract.py. Prints a table, the peak RSS per
+decodes, encodes and writes real shards with the code of data_prep/feature_workers.py. Prints a table, the peak RSS per
 worker, and as its last line one JSON object with the figures.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data_prep import extract  # noqa: E402
+from data_prep import feature_workers, shards  # noqa: E402
 from data_prep.synthetic import generate_catalog  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402
 from llmrec.schema import Catalog  # noqa: E402
@@ -53,7 +53,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.ShardTask], extract.WorkerSpec, Catalog]:
+def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[shards.ShardTask], feature_workers.WorkerSpec, Catalog]:
     """Catalog + seeded tiny encoders saved as a run would have them; returns the shard plan and worker spec."""
     catalog = generate_catalog(cfg.synthetic, work / "catalog", seed=cfg.seed, progress=False)
     if songs:
@@ -61,14 +61,14 @@ def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[extract.Shar
     enc = MediaEncoder.load(cfg.model, seed=cfg.seed)
     save_encoder(enc.audio_model, work / "encoders" / "audio")
     save_encoder(enc.image_model, work / "encoders" / "image")
-    spec = extract.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench", cfg.features.max_audio_seconds,
+    spec = feature_workers.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench", cfg.features.max_audio_seconds,
                               cfg.features.min_audio_seconds, cfg.features.max_image_pixels)
-    return extract.plan_shards(catalog, cfg.features.shard_size, work), spec, catalog
+    return shards.plan_shards(catalog, cfg.features.shard_size, work), spec, catalog
 
 
-def retarget(tasks: list[extract.ShardTask], out: Path) -> list[extract.ShardTask]:
+def retarget(tasks: list[shards.ShardTask], out: Path) -> list[shards.ShardTask]:
     out.mkdir(parents=True, exist_ok=True)
-    return [extract.ShardTask(t.index, str(out / extract.shard_name(t.index)), t.songs) for t in tasks]
+    return [shards.ShardTask(t.index, str(out / shards.shard_name(t.index)), t.songs) for t in tasks]
 
 
 def timed_in_process(spec, tasks, threads: int, one_core: bool = False) -> dict:
@@ -83,7 +83,7 @@ def timed_in_process(spec, tasks, threads: int, one_core: bool = False) -> dict:
         os.sched_setaffinity(0, {min(before)})  # this thread; the decode thread, started below, inherits it
     try:
         torch.set_num_threads(threads)
-        extractor = extract.ShardExtractor(spec)  # a fresh one, so that its decode thread starts under `one_core`
+        extractor = feature_workers.ShardExtractor(spec)  # a fresh one, so that its decode thread starts under `one_core`
         extractor.write_shard(tasks[0])  # warm-up: first-call allocations, lazy imports
         t0 = time.perf_counter()
         n = sum(len(extractor.write_shard(t)["song_ids"]) for t in tasks)
@@ -102,8 +102,8 @@ def start_pool(spec, workers: int, start_method: str) -> tuple[ProcessPoolExecut
     """The pool `llmrec features` runs, started and with the encoders loaded in every worker; returns it and the
     seconds that took."""
     t_start = time.perf_counter()
-    ctx = extract.start_fork_server(start_method)  # the context `llmrec features` uses (server preloads included)
-    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=extract.init_worker, initargs=(spec, os.getpid()))
+    ctx = feature_workers.start_fork_server(start_method)  # the context `llmrec features` uses (server preloads included)
+    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=feature_workers.init_worker, initargs=(spec, os.getpid()))
     pids: set[int] = set()
     while len(pids) < workers:  # each ping holds a worker, so `workers` pings reach every worker
         pids |= {f.result() for f in [ex.submit(_ping, 0.3) for _ in range(workers)]}
@@ -121,7 +121,7 @@ def peak_by_pid(readings: Iterable[tuple[int, float]]) -> dict[int, float]:
 def timed_pool(ex: ProcessPoolExecutor, tasks) -> dict:
     """Steady state: every shard through the started pool."""
     t0 = time.perf_counter()
-    futures = [ex.submit(extract.run_shard, t) for t in tasks]
+    futures = [ex.submit(feature_workers.run_shard, t) for t in tasks]
     wait(futures)
     seconds = time.perf_counter() - t0
     results = [f.result() for f in futures]
@@ -135,8 +135,8 @@ def _independent_worker(spec, core: int, conn) -> None:
     of shards it is sent and answers (songs, start, end) on the shared monotonic clock."""
     os.sched_setaffinity(0, {core})  # before the decode thread starts, so that it inherits the pinning
     torch.set_num_threads(1)
-    extract._quiet_hf_progress()
-    extractor = extract.ShardExtractor(spec)
+    feature_workers.quiet_hf_progress()
+    extractor = feature_workers.ShardExtractor(spec)
     conn.send("ready")
     while (tasks := conn.recv()) is not None:
         t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of this machine
@@ -165,13 +165,13 @@ class IndependentProcesses:
             if conn.recv() != "ready":
                 raise RuntimeError("an independent bench process failed to start")
 
-    def split(self, tasks, out: Path) -> list[list[extract.ShardTask]]:
+    def split(self, tasks, out: Path) -> list[list[shards.ShardTask]]:
         """Worker i gets songs i, i+N, ... of every shard, so that each has the same number of songs (+-1)."""
         n = len(self.conns)
         parts = []
         for i in range(n):
             (out / f"process_{i}").mkdir(parents=True, exist_ok=True)
-            parts.append([extract.ShardTask(t.index, str(out / f"process_{i}" / extract.shard_name(t.index)),
+            parts.append([shards.ShardTask(t.index, str(out / f"process_{i}" / shards.shard_name(t.index)),
                                             t.songs[i::n]) for t in tasks if t.songs[i::n]])
         return parts
 
@@ -242,20 +242,20 @@ def _end_to_end_child(tasks, spec, mode: tuple, workers: int, catalog, cfg, out_
     media. The clock starts after this process's imports, like a CLI run whose torch is already imported. With
     the text first, the pool modes start the fork server before it, as `llmrec features` does."""
     _, use_pool, text_when = mode
-    extract._quiet_hf_progress()
+    feature_workers.quiet_hf_progress()
     torch.set_num_threads(cores())  # text features and the one-process media use every core; pool shards use one
     t0 = time.perf_counter()
     songs = []
     on_done = lambda record: songs.append(len(record["song_ids"]))  # noqa: E731
     text = partial(build_text_features, catalog, cfg, out_dir, progress=False)
     if use_pool and text_when == "before":
-        extract.start_fork_server("forkserver")
+        feature_workers.start_fork_server("forkserver")
     if text_when == "before":
         text()
     if use_pool:
-        extract.run_pool(tasks, spec, workers, on_done)
+        feature_workers.run_pool(tasks, spec, workers, on_done)
     else:
-        extract.run_in_process(tasks, spec, on_done, threads=cores())
+        feature_workers.run_in_process(tasks, spec, on_done, threads=cores())
     if text_when == "after":
         text()
     seconds = time.perf_counter() - t0
@@ -290,7 +290,7 @@ def main() -> int:
 
     overrides = [f"features.shard_size={args.shard_size}"] if args.shard_size else []
     cfg = load_config(extra_presets=["quick"] if args.quick else [], overrides=overrides)
-    extract._quiet_hf_progress()
+    feature_workers.quiet_hf_progress()
     n_cores = cores()
     workers = args.workers or n_cores
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:

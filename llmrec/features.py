@@ -1,4 +1,4 @@
-"""Readers for `llmrec features` output: media feature shards and text features (see data_prep/extract.py).
+"""Readers for `llmrec features` output: media feature shards and text features (written by data_prep/features.py).
 
 Training, serving and evaluation read features only through these functions, so the shard format can change in
 one place. The manifest is the source of truth: only the shards it lists, in index order, are read, and each

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from safetensors import safe_open
 
-from data_prep.extract import run_features
+from data_prep.features import run_features
 from data_prep.prepare import run_prepare
 from llmrec.config import load_config
 from llmrec.features import load_media_features

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data_prep.extract import run_features
+from data_prep.features import run_features
 from data_prep.prepare import run_prepare
 from llmrec.config import load_config
 from llmrec.features import load_media_features

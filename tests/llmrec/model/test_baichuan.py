@@ -370,7 +370,7 @@ def test_base_path_end_to_end_from_a_baichuan2_directory(tmp_path, synthetic_cat
 
     from fastapi.testclient import TestClient
 
-    from data_prep.extract import run_features
+    from data_prep.features import run_features
     from data_prep.prepare import run_prepare
     from llmrec.config import load_config
     from llmrec.io import open_run_dir

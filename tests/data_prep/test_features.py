@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data_prep.extract import extract_features, plan_shards, run_features, select_shards
+from data_prep.features import extract_features, plan_shards, run_features, select_shards
 from llmrec.media.audio import load_audio
 from llmrec.features import load_media_features, load_text_features
 from llmrec.io import MissingArtefactError, RunDir, file_sha256
@@ -181,7 +181,7 @@ def test_fork_server_starts_first_so_its_imports_overlap_the_stage(tmp_path, syn
                                                                    monkeypatch):
     """The fork server imports torch for seconds on one core: it must be started before the encoders and the text
     features, not when the pool is created after them (bench/features.py measures the gain)."""
-    from data_prep import extract
+    from data_prep import features as extract
 
     calls = []
 
@@ -253,7 +253,7 @@ def test_partial_slices_are_reported_incomplete_then_completed(broken_run, synth
 EXTRACT_SCRIPT = """
 import json, sys
 from pathlib import Path
-from data_prep.extract import extract_features
+from data_prep.features import extract_features
 from llmrec.config import config_from_dict
 from llmrec.schema import load_catalog
 cfg = config_from_dict(json.loads(sys.argv[1]))
