@@ -2,7 +2,7 @@
 
 Layout written under `runs/<name>/features/`:
 
-    encoders/{audio,image}/      the tiny encoders' weights (seeded + stage-0 pretrained), reused by train and serve
+    encoders/{audio,image}/      the tiny encoders' weights (seeded + contrastively pretrained), reused by train and serve
     shard-00000.safetensors      audio [n, L, K, D] f32, audio_present [n] u8, cover [n, 1, K, D] f32,
     shard-00001.safetensors ...  cover_present [n] u8; metadata: song_ids (JSON list), per-song status, hash
     manifest.json                per song {audio, audio_reason, cover, cover_reason, shard}, per shard sha256,
@@ -41,7 +41,7 @@ ENGINES = ("pool", "ray")
 
 
 def weights_spec(cfg: Config) -> dict:
-    """What decides the tiny encoders' weights: architecture, seed and the stage-0 schedule."""
+    """What decides the tiny encoders' weights: architecture, seed and the pretraining schedule."""
     m, f = cfg.model, cfg.features
     return {"audio": [m.audio.name, m.audio.sample_rate], "cover": [m.cover.name, m.cover.image_size],
             "seed": cfg.seed, "pretrain": [f.encoder_pretrain_steps, f.encoder_pretrain_batch,
@@ -49,7 +49,7 @@ def weights_spec(cfg: Config) -> dict:
 
 
 def prepare_encoders(cfg: Config, catalog: Catalog, enc_dir: Path, progress: bool = True) -> dict:
-    """Make sure the run's tiny encoders exist in `enc_dir` (seeded + contrastive stage 0, done once, under a
+    """Make sure the run's tiny encoders exist in `enc_dir` (seeded + contrastive pretraining, done once, under a
     lock so parallel ranks build them once) and return their description and weight hashes."""
     info: dict = {"dir": str(enc_dir), "audio": asdict(cfg.model.audio), "cover": asdict(cfg.model.cover)}
     if is_tiny(cfg.model.audio.name) or is_tiny(cfg.model.cover.name):
@@ -76,12 +76,12 @@ def _pretrain_into(cfg: Config, catalog: Catalog, enc_dir: Path, spec: dict, pro
     for kind in ("audio", "image"):
         if kind in report and "loss_before" in report[kind]:
             r = report[kind]
-            print(f"stage 0 ({kind} encoder): InfoNCE {r['loss_before']:.3f} -> {r['loss_after']:.3f} "
+            print(f"encoder pretraining ({kind}): InfoNCE {r['loss_before']:.3f} -> {r['loss_after']:.3f} "
                   f"in {r['steps']} steps ({r['seconds']:.1f}s)")
 
 
 def _load_audio_for_pretrain(path, sample_rate: int, max_seconds: float) -> np.ndarray:
-    """Stage 0 takes random 1 s crops: of a long file, 4 x 5 s spread over it are plenty (and cheap to hold)."""
+    """Encoder pretraining takes random 1 s crops: of a long file, 4 x 5 s spread over it are plenty (and cheap to hold)."""
     return load_audio(path, sample_rate, windows=4, window_seconds=5.0, max_seconds=min(max_seconds, 60.0))
 
 

@@ -1,7 +1,8 @@
 """`llmrec {prepare,features,train,serve,eval,demo}`: one CLI over every stage.
 
-The stage packages import `llmrec`, never the reverse; the CLI reaches them lazily through `STAGES`, so a stage that
-is not built yet (its module does not exist) is reported as such instead of failing with an import traceback.
+The stage packages import `llmrec`, never the reverse; the CLI reaches them lazily through `STAGES` (importing a
+stage pulls in torch, transformers or FastAPI, which `llmrec --help` and the other stages need not pay for). A
+stage whose optional dependencies are not installed says which package is missing and exits with status 2.
 """
 from __future__ import annotations
 
@@ -15,31 +16,30 @@ from typing import Callable
 from llmrec.config import Config, ConfigError, load_config
 from llmrec.io import MissingArtefactError, RunDir, open_run_dir
 
-# stage -> (module, function, issue that builds it). Each function takes (Config, RunDir, argparse.Namespace) and
-# returns a dict of the paths/figures it produced.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "prepare": ("data_prep.prepare", "run_prepare", "#3/#4"),
-    "features": ("data_prep.features", "run_features", "#4"),
-    "train": ("train.stages", "run_train", "#5"),
-    "serve": ("serve.app", "run_serve", "#6"),
-    "eval": ("eval.report", "run_eval", "#7"),
+# stage -> (module, function). Each function takes (Config, RunDir, argparse.Namespace) and returns a dict of the
+# paths/figures it produced.
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("data_prep.prepare", "run_prepare"),
+    "features": ("data_prep.features", "run_features"),
+    "train": ("train.stages", "run_train"),
+    "serve": ("serve.app", "run_serve"),
+    "eval": ("eval.report", "run_eval"),
 }
 DEMO_ORDER = ["prepare", "features", "train", "eval", "serve"]
-EXIT_NOT_BUILT = 3
 
 
-class StageNotBuilt(RuntimeError):
-    pass
+class MissingDependency(RuntimeError):
+    """A stage needs a package that is not installed (an optional extra)."""
 
 
 def resolve_stage(name: str) -> Callable:
-    module_name, func_name, issue = STAGES[name]
+    module_name, func_name = STAGES[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name == module_name or module_name.startswith(f"{e.name}."):
-            raise StageNotBuilt(f"`llmrec {name}` is not built yet (tracked in issue {issue})") from None
-        raise
+        raise MissingDependency(f"`llmrec {name}` needs the Python package {e.name!r}, which is not installed; "
+                                f"install llmrec with its extras (README, \"Set up and run\": "
+                                f"pip install -e \".[cpu]\")") from e
     return getattr(module, func_name)
 
 
@@ -111,14 +111,8 @@ def run_stage(name: str, cfg: Config, run: RunDir, args: argparse.Namespace) -> 
 
 
 def run_demo(cfg: Config, run: RunDir, args: argparse.Namespace) -> int:
-    skipped = []
     for name in DEMO_ORDER:
-        try:
-            fn = resolve_stage(name)
-        except StageNotBuilt as e:
-            skipped.append(name)
-            print(f"[{name}] skipped: {e}")
-            continue
+        fn = resolve_stage(name)
         print(f"[{name}] running ...")
         t0 = time.perf_counter()
         result = fn(cfg, run, argparse.Namespace(**{**vars(args), "demo": True}))
@@ -128,8 +122,6 @@ def run_demo(cfg: Config, run: RunDir, args: argparse.Namespace) -> int:
         path = run.root / sub
         if path.exists():
             print(f"  {sub + '/':10s} {path.resolve()}")
-    if skipped:
-        print(f"Stages not built yet: {', '.join(skipped)}")
     return 0
 
 
@@ -141,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(cfg, run, args)
         run_stage(args.command, cfg, run, args)
         return 0
-    except StageNotBuilt as e:
-        print(f"llmrec: {e}", file=sys.stderr)
-        return EXIT_NOT_BUILT
-    except (ConfigError, MissingArtefactError, ValueError) as e:
+    except (ConfigError, MissingArtefactError, MissingDependency, ValueError) as e:
         print(f"llmrec {args.command}: error: {e}", file=sys.stderr)
         return 2
 

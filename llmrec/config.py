@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """Size and shape of the embedded synthetic music catalog (the default dataset)."""
 
-    # Sized so that the default `llmrec demo` stays near 10 minutes on 2 CPU cores (13 with stage 0's 1500 steps);
-    # the generator scales to thousands of songs (`--set synthetic.n_songs=5000`).
+    # Small enough for a run on 2 CPU cores (the demo shrinks it further); the generator scales to thousands of
+    # songs (`--set synthetic.n_songs=5000`).
     n_songs: int = 400  # back-catalogue songs, released before the split time
     n_new_songs: int = 60  # released after the split time: no plays before it (cold start)
     n_users: int = 200
@@ -122,21 +122,20 @@ class FeatureConfig:
     # samples carries no music, and encoding it would pass silence or a click off as the song.
     min_audio_seconds: float = 0.25
     max_image_pixels: int = 64_000_000  # larger covers are refused (decompression-bomb guard)
-    # Stage 0 for the tiny encoders only: short contrastive (SimCLR-style) pretraining on the catalog's media.
+    # Encoder pretraining, tiny encoders only: short contrastive (SimCLR-style) training on the catalog's media.
     encoder_pretrain_steps: int = 40
     encoder_pretrain_batch: int = 16
     encoder_pretrain_songs: int = 256  # media of at most this many songs is held in memory for pretraining
-    # Torch threads for stage 0 (0 = torch's default, one per core). Tiny models at batch 16 gain little from
-    # intra-op threads, and on a shared 2-vCPU machine 2 threads ran 5-30x slower than 1 (OpenMP spin-waiting).
+    # Torch threads for encoder pretraining (0 = torch's default, one per core). Tiny models at batch 16 gain little
+    # from intra-op threads, and on a shared 2-vCPU machine 2 threads ran 5-30x slower than 1 (OpenMP spin-waiting).
     encoder_pretrain_threads: int = 1
 
 
 @dataclass
 class TrainConfig:
-    # Sized so that the default `llmrec demo` (460 songs, 4x192 backbone) trains in ~12 min on 2 CPU cores. Stage 0
-    # is most of it: the tiny backbone only learns to copy from its prompt (the history song a reason names) after
-    # ~1000+ steps. At 150 steps it wrote one sentence for every play (reason faithfulness 0.35, prompt gain 0.007;
-    # 600: 0.43 / 0.10; 1500: 0.59 / 0.35 on 64 held-out plays; README "Results").
+    # The defaults are the `tiny` preset's (a backbone trained from scratch); the presets below override them.
+    # Stage 0 (tiny backbone only) is most of the time: a from-scratch backbone needs ~1000+ steps before its
+    # answers depend on the prompt at all.
     stage0_steps: int = 1500
     stage1_steps: int = 50
     stage2_steps: int = 80

@@ -101,7 +101,8 @@ def dir_sha256(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
-    """The layout of `runs/<name>/` shared by every stage (see DESIGN.md, "Contracts between stages")."""
+    """The layout of `runs/<name>/` shared by every stage: each stage reads only its predecessors' directories
+    (README, "Pipeline")."""
 
     root: Path
 

@@ -1,4 +1,5 @@
-"""Stage 0 for the tiny media encoders: a short SimCLR-style contrastive pretraining on the catalog's own media.
+"""Encoder pretraining for the tiny media encoders (not "stage 0", which is the tiny backbone's text pretraining in
+`llmrec train`): a short SimCLR-style contrastive pretraining on the catalog's own media.
 
 Real MERT/ViT weights cannot be downloaded here, and a randomly initialised encoder gives features that stage 1/2
 projectors can barely use. So each tiny encoder learns, for a few dozen steps, to map two augmented views of the
@@ -196,7 +197,7 @@ def pretrain_audio(model, media: PretrainMedia, cfg: Config, progress: bool = Tr
     embed = lambda x: model(x).last_hidden_state.mean(1)  # noqa: E731
     return train_contrastive(embed, model, model.config.hidden_size, len(media.waves), make,
                              cfg.features.encoder_pretrain_steps, cfg.features.encoder_pretrain_batch,
-                             cfg.seed, "stage 0: audio encoder", progress)
+                             cfg.seed, "encoder pretraining: audio", progress)
 
 
 def pretrain_image(model, media: PretrainMedia, cfg: Config, progress: bool = True) -> dict:
@@ -205,7 +206,7 @@ def pretrain_image(model, media: PretrainMedia, cfg: Config, progress: bool = Tr
     embed = lambda x: model(pixel_values=x).last_hidden_state[:, 1:].mean(1)  # noqa: E731
     return train_contrastive(embed, model, model.config.hidden_size, len(media.images), make,
                              cfg.features.encoder_pretrain_steps, cfg.features.encoder_pretrain_batch,
-                             cfg.seed + 1, "stage 0: image encoder", progress)
+                             cfg.seed + 1, "encoder pretraining: image", progress)
 
 
 def pretrain_tiny_encoders(catalog, cfg: Config, out_dir: str | Path, *, load_audio: Callable | None = None,

@@ -239,7 +239,8 @@ def image_normalisation(enc_cfg: EncoderConfig) -> tuple[int, tuple[float, ...],
     """(size, mean, std) the image encoder was trained with, from its ViTImageProcessor config for real weights.
 
     The processor's JSON is read directly: instantiating ViTImageProcessor wants torchvision, which is kept out of
-    this environment (see DESIGN.md), and only these three values are needed."""
+    this environment (vLLM's CPU build drags in a torchvision that does not load; README, "vLLM on CPU/GPU"), and
+    only these three values are needed."""
     if is_tiny(enc_cfg.name):
         return enc_cfg.image_size, DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
     if enc_cfg.name == EFFICIENTNET_LITE0:

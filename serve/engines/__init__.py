@@ -11,7 +11,7 @@ ENGINES = ("auto", "vllm", "hf")
 
 def vllm_available() -> bool:
     """True when `import vllm` works (find_spec alone is not enough: a broken companion package such as a CUDA
-    torchvision makes the import itself fail, see DESIGN.md "Serving facts")."""
+    torchvision makes the import itself fail; README, "vLLM on CPU/GPU")."""
     if importlib.util.find_spec("vllm") is None:
         return False
     try:
