@@ -24,11 +24,10 @@ import pandas as pd  # noqa: E402
 
 from bench.quality import DATASETS, dataset_config  # noqa: E402
 from data_prep.prepare import build_catalog  # noqa: E402
-from llmrec.schema import load_song_attributes  # noqa: E402
 from eval.reasons import ground_truth, reason_metrics, sample_cases  # noqa: E402
 from llmrec.evidence import phrase  # noqa: E402
 from llmrec.io import atomic_write_json, open_run_dir  # noqa: E402
-from llmrec.schema import load_catalog  # noqa: E402
+from llmrec.schema import load_catalog, load_song_attributes  # noqa: E402
 from llmrec.split import positive_plays, split_catalog  # noqa: E402
 from serve.reasons import ReasonWriter  # noqa: E402
 

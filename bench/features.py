@@ -44,8 +44,8 @@ import torch  # noqa: E402
 from data_prep import feature_workers, shards  # noqa: E402
 from data_prep.synthetic import generate_catalog  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402
-from llmrec.schema import Catalog  # noqa: E402
 from llmrec.model.encoders import MediaEncoder, save_encoder  # noqa: E402
+from llmrec.schema import Catalog  # noqa: E402
 from llmrec.text_features import build_text_features  # noqa: E402
 
 
@@ -53,7 +53,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[shards.ShardTask], feature_workers.WorkerSpec, Catalog]:
+def setup(cfg: Config, work: Path, songs: int | None
+          ) -> tuple[list[shards.ShardTask], feature_workers.WorkerSpec, Catalog]:
     """Catalog + seeded tiny encoders saved as a run would have them; returns the shard plan and worker spec."""
     catalog = generate_catalog(cfg.synthetic, work / "catalog", seed=cfg.seed, progress=False)
     if songs:
@@ -61,8 +62,9 @@ def setup(cfg: Config, work: Path, songs: int | None) -> tuple[list[shards.Shard
     enc = MediaEncoder.load(cfg.model, seed=cfg.seed)
     save_encoder(enc.audio_model, work / "encoders" / "audio")
     save_encoder(enc.image_model, work / "encoders" / "image")
-    spec = feature_workers.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench", cfg.features.max_audio_seconds,
-                              cfg.features.min_audio_seconds, cfg.features.max_image_pixels)
+    spec = feature_workers.WorkerSpec(cfg.model, str(work / "encoders"), cfg.seed, "bench",
+                                      cfg.features.max_audio_seconds, cfg.features.min_audio_seconds,
+                                      cfg.features.max_image_pixels)
     return shards.plan_shards(catalog, cfg.features.shard_size, work), spec, catalog
 
 
@@ -83,7 +85,8 @@ def timed_in_process(spec, tasks, threads: int, one_core: bool = False) -> dict:
         os.sched_setaffinity(0, {min(before)})  # this thread; the decode thread, started below, inherits it
     try:
         torch.set_num_threads(threads)
-        extractor = feature_workers.ShardExtractor(spec)  # a fresh one, so that its decode thread starts under `one_core`
+        # a fresh one, so that its decode thread starts under `one_core`
+        extractor = feature_workers.ShardExtractor(spec)
         extractor.write_shard(tasks[0])  # warm-up: first-call allocations, lazy imports
         t0 = time.perf_counter()
         n = sum(len(extractor.write_shard(t)["song_ids"]) for t in tasks)
@@ -102,8 +105,10 @@ def start_pool(spec, workers: int, start_method: str) -> tuple[ProcessPoolExecut
     """The pool `llmrec features` runs, started and with the encoders loaded in every worker; returns it and the
     seconds that took."""
     t_start = time.perf_counter()
-    ctx = feature_workers.start_fork_server(start_method)  # the context `llmrec features` uses (server preloads included)
-    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=feature_workers.init_worker, initargs=(spec, os.getpid()))
+    # the context `llmrec features` uses (server preloads included)
+    ctx = feature_workers.start_fork_server(start_method)
+    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=feature_workers.init_worker,
+                             initargs=(spec, os.getpid()))
     pids: set[int] = set()
     while len(pids) < workers:  # each ping holds a worker, so `workers` pings reach every worker
         pids |= {f.result() for f in [ex.submit(_ping, 0.3) for _ in range(workers)]}

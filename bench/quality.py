@@ -136,7 +136,8 @@ def long_tail(summary: dict) -> dict | None:
             r = s["models"][m]
             out[m] = {"tail_share@20": r["tail_share@20"], "tail_share_vs_als": ratio(r["tail_share@20"],
                                                                                       als["tail_share@20"]),
-                      "ndcg@20_change_vs_als": None if not als["ndcg@20"] else round(r["ndcg@20"] / als["ndcg@20"] - 1, 4)}
+                      "ndcg@20_change_vs_als": (None if not als["ndcg@20"]
+                                                else round(r["ndcg@20"] / als["ndcg@20"] - 1, 4))}
     for m, v in out.items():
         print(f"long tail ({m} vs als, all slice): tail share x{v['tail_share_vs_als']}, "
               f"ndcg@20 change {v['ndcg@20_change_vs_als']:+.1%}")
@@ -273,7 +274,8 @@ def results_markdown(result: dict) -> str:
         tail = d.get("long_tail")
         if tail:
             out += ["", f"Long tail (`all` slice, top 20): ALS puts {tail['als_tail_share@20']:.3f} of its "
-                        "recommendations to known songs outside the top 20% of known songs by plays (new songs are not tail).", ""]
+                        "recommendations to known songs outside the top 20% of known songs by plays "
+                        "(new songs are not tail).", ""]
             out += [f"- {m}: tail share {v['tail_share@20']:.3f} = {v['tail_share_vs_als']:.2f}x ALS's, NDCG@20 "
                     f"{v['ndcg@20_change_vs_als']:+.1%} vs ALS." for m, v in tail.items() if isinstance(v, dict)]
         reasons = d.get("reasons")
@@ -318,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the results table as Markdown here (e.g. docs/quality.md)")
     args = p.parse_args(argv)
     names = DATASETS if args.dataset == "both" else (args.dataset,)
-    result: dict = {"bench": "quality", "quick": args.quick, "preset": args.preset, "overrides": args.overrides, "cf_models": list(CF_MODELS),
-                    "datasets": {}}
+    result: dict = {"bench": "quality", "quick": args.quick, "preset": args.preset, "overrides": args.overrides,
+                    "cf_models": list(CF_MODELS), "datasets": {}}
     for name in names:
         train = args.train == "all" or args.train == name
         report, summary, seconds = run_dataset(name, args.quick, Path(args.run_root), train, args.overrides,

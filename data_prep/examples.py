@@ -33,10 +33,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from llmrec.config import Config
+from llmrec.evidence import EvidenceBuilder, phrase, reason_prompt
 from llmrec.io import RunDir, atomic_dir, atomic_write_json
 from llmrec.schema import Catalog, load_catalog
 from llmrec.split import Split, positive_plays, split_catalog, tuning_split
-from llmrec.evidence import EvidenceBuilder, phrase, reason_prompt
 from llmrec.text import SongText, build_stage1_prompt, sanitize_song, song_media
 
 # The modality a model needs to perceive each caption attribute (a caption states audio attributes only when the

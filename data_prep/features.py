@@ -2,7 +2,7 @@
 
 Layout written under `runs/<name>/features/`:
 
-    encoders/{audio,image}/      the tiny encoders' weights (seeded + contrastively pretrained), reused by train and serve
+    encoders/{audio,image}/      the tiny encoders' weights (seeded + pretrained), reused by train and serve
     shard-00000.safetensors      audio [n, L, K, D] f32, audio_present [n] u8, cover [n, 1, K, D] f32,
     shard-00001.safetensors ...  cover_present [n] u8; metadata: song_ids (JSON list), per-song status, hash
     manifest.json                per song {audio, audio_reason, cover, cover_reason, shard}, per shard sha256,
@@ -23,8 +23,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.feature_workers import (WorkerSpec, quiet_hf_progress, run_in_process, run_pool, run_ray,
-                                       start_fork_server)
+from data_prep.feature_workers import (
+    WorkerSpec,
+    quiet_hf_progress,
+    run_in_process,
+    run_pool,
+    run_ray,
+    start_fork_server,
+)
 from data_prep.shards import FORMAT_VERSION, Manifest, ShardTask, file_lock, plan_shards, read_json, select_shards
 from llmrec.config import Config
 from llmrec.io import RunDir, atomic_dir, atomic_write_json, dir_sha256
@@ -81,7 +87,8 @@ def _pretrain_into(cfg: Config, catalog: Catalog, enc_dir: Path, spec: dict, pro
 
 
 def _load_audio_for_pretrain(path, sample_rate: int, max_seconds: float) -> np.ndarray:
-    """Encoder pretraining takes random 1 s crops: of a long file, 4 x 5 s spread over it are plenty (and cheap to hold)."""
+    """Encoder pretraining takes random 1 s crops: of a long file, 4 x 5 s spread over it are plenty (and cheap to
+    hold)."""
     return load_audio(path, sample_rate, windows=4, window_seconds=5.0, max_seconds=min(max_seconds, 60.0))
 
 

@@ -17,7 +17,8 @@ def _synthetic_is_current(cfg: Config, run: RunDir) -> bool:
     if not meta.is_file():
         return False
     old = json.loads(meta.read_text())
-    return old.get("source") == "synthetic" and old.get("seed") == cfg.seed and old.get("config") == asdict(cfg.synthetic)
+    return (old.get("source") == "synthetic" and old.get("seed") == cfg.seed
+            and old.get("config") == asdict(cfg.synthetic))
 
 
 def build_catalog(cfg: Config, run: RunDir, progress: bool = True) -> dict:

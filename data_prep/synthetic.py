@@ -142,7 +142,8 @@ def _note_wave(freq: float, dur: float, sr: int, instrument: str, rng: np.random
         raise ValueError(f"unknown instrument {instrument!r}; expected one of {INSTRUMENTS}")
     vibrato = 1 + (0.006 * np.sin(2 * np.pi * 5.5 * t) if instrument == "strings" else 0)
     phase = 2 * np.pi * freq * np.cumsum(vibrato) / sr
-    wave = sum(a * np.sin(k * phase + rng.uniform(0, 2 * np.pi)) for k, a in enumerate(harmonics, 1) if a and k * freq < sr / 2)
+    wave = sum(a * np.sin(k * phase + rng.uniform(0, 2 * np.pi))
+               for k, a in enumerate(harmonics, 1) if a and k * freq < sr / 2)
     return env * wave
 
 
@@ -187,7 +188,8 @@ def synthesize_cover(mood: str, size: int, rng: np.random.Generator) -> Image.Im
             draw.ellipse([x - r, y - r, x + r, y + r], fill=c)
             if shape == "suns":
                 for a in np.linspace(0, 2 * np.pi, 8, endpoint=False):
-                    draw.line([x, y, x + 1.6 * r * np.cos(a), y + 1.6 * r * np.sin(a)], fill=c, width=max(1, size // 48))
+                    draw.line([x, y, x + 1.6 * r * np.cos(a), y + 1.6 * r * np.sin(a)], fill=c,
+                              width=max(1, size // 48))
         elif shape == "triangles":
             draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=c)
         elif shape == "rain":

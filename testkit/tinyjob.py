@@ -82,12 +82,13 @@ def build(hidden: int = 32, layers: int = 1, songs: int = 32, seed: int = 0, lor
     the bare model a saved adapter is loaded into. `zero_init` (under ZeRO-3 only): build the backbone through
     transformers' `_from_config`, which partitions each layer as it is created (zero.Init), as from_pretrained does
     for a real checkpoint — no rank ever holds the whole backbone (other initial values than `zero_init=False`)."""
+    from transformers import LlamaForCausalLM
+
     from llmrec.config import load_config
     from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
-    from llmrec.model.mm_lm import MMConfig, MultimodalLM
-    from transformers import LlamaForCausalLM
-    from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
     from llmrec.model.collate import MultimodalCollator
+    from llmrec.model.mm_lm import MMConfig, MultimodalLM
+    from llmrec.text import AUDIO_TOKEN, COVER_TOKEN
     from train.stages import add_lora, train_stage2_parameters
 
     ids = [f"s{i}" for i in range(songs)]

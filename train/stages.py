@@ -23,11 +23,11 @@ from llmrec.config import Config
 from llmrec.features import load_media_features, load_text_features
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
 from llmrec.model.backbone import build_tiny_llama, load_backbone, resolve_dtype, train_bpe_tokenizer
+from llmrec.model.collate import MultimodalCollator, drop_modalities
 from llmrec.model.losses import info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
-from llmrec.model.collate import MultimodalCollator, drop_modalities
 from train.distributed import backbone_hidden_size, build_accelerator, enable_gradient_checkpointing
 from train.export import export_bundle
 from train.loop import StepSampler, fit

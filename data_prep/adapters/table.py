@@ -19,6 +19,7 @@ import io
 import json
 import os
 from pathlib import Path
+
 import pandas as pd
 
 from llmrec.config import CatalogConfig

@@ -445,8 +445,8 @@ def convert_baichuan_checkpoint(
 
     Writes safetensors weights + config via `save_pretrained`, the tokenizer when `tokenizer.model` is present,
     Baichuan's generation_config.json when present, and `conversion.json` recording the source. Everything is
-    built under a temporary name next to `dst_dir` and moved into place (llmrec.io.atomic_dir), so an interrupted run never leaves a
-    half-written `dst_dir`. An existing `dst_dir` is replaced only with `overwrite=True`.
+    built under a temporary name next to `dst_dir` and moved into place (llmrec.io.atomic_dir), so an interrupted
+    run never leaves a half-written `dst_dir`. An existing `dst_dir` is replaced only with `overwrite=True`.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if src.resolve() == dst.resolve():

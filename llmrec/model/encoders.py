@@ -162,7 +162,8 @@ def _not_available(name: str, err: Exception) -> EncoderLoadError:
 # ------------------------------------------------------------------------------------------------ builders
 
 
-def build_audio_encoder(enc_cfg: EncoderConfig, seed: int = 0, path: str | os.PathLike | None = None) -> torch.nn.Module:
+def build_audio_encoder(enc_cfg: EncoderConfig, seed: int = 0,
+                        path: str | os.PathLike | None = None) -> torch.nn.Module:
     """A HuBERT-architecture audio encoder in eval mode, returning all hidden states.
 
     `path` (a `save_pretrained` directory) wins: that is how a run's tiny encoder is reloaded bit for bit.
@@ -213,7 +214,8 @@ def _load_hubert(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
         raise _not_available(path, e) from native_error
 
 
-def build_image_encoder(enc_cfg: EncoderConfig, seed: int = 0, path: str | os.PathLike | None = None) -> torch.nn.Module:
+def build_image_encoder(enc_cfg: EncoderConfig, seed: int = 0,
+                        path: str | os.PathLike | None = None) -> torch.nn.Module:
     """A ViT-architecture image encoder in eval mode, without the (randomly initialised) pooler."""
     from transformers import ViTModel
 
@@ -342,7 +344,8 @@ class MediaEncoder:
         self.last_audio_padded = False  # the last encode_audio had to pad a clip shorter than one patch
 
     @classmethod
-    def load(cls, model_cfg: ModelConfig, encoders_dir: str | os.PathLike | None = None, seed: int = 0) -> "MediaEncoder":
+    def load(cls, model_cfg: ModelConfig, encoders_dir: str | os.PathLike | None = None,
+             seed: int = 0) -> "MediaEncoder":
         """Tiny encoders from `encoders_dir/{audio,image}` when saved there (the run's weights), else from `seed`;
         real encoders by name."""
         audio_dir = image_dir = None

@@ -100,7 +100,8 @@ class MultimodalLM(nn.Module):
         self.id_head = IDMappingHead(cfg.embedding_dim, cfg.cf_dim)
         ids = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN])
         if tokenizer.unk_token_id in ids:
-            raise ValueError(f"tokenizer does not know the placeholder tokens {[AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN]}")
+            raise ValueError("tokenizer does not know the placeholder tokens "
+                             f"{[AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN]}")
         self.audio_id, self.cover_id, self.embed_id = ids
 
     # ---------------------------------------------------------------------------------------------- splice

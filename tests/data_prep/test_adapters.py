@@ -247,7 +247,8 @@ def test_media_paths_outside_the_catalog_directory_are_dropped_and_counted(tmp_p
     run = open_run_dir(tmp_path / "run")
     build_catalog(cfg, run, progress=False)
     reloaded = load_catalog(run.catalog).songs.set_index("song_id")
-    assert str(reloaded.loc["t2", "audio_path"]).endswith("ok.wav") and str(reloaded.loc["t3", "cover_path"]).endswith("c.png")
+    assert str(reloaded.loc["t2", "audio_path"]).endswith("ok.wav")
+    assert str(reloaded.loc["t3", "cover_path"]).endswith("c.png")
 
 
 def write_log(d: Path, played_at: list | None) -> None:

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 
 from data_prep.features import extract_features, plan_shards, run_features, select_shards
-from llmrec.media.audio import load_audio
 from llmrec.features import load_media_features, load_text_features
 from llmrec.io import MissingArtefactError, RunDir, file_sha256
+from llmrec.media.audio import load_audio
 from llmrec.model.encoders import MediaEncoder
 from llmrec.schema import load_catalog
 
@@ -65,7 +65,8 @@ def new_run(root: Path, catalog_dir: Path, encoders_from: Path | None = None) ->
 
 def break_media(catalog_dir: Path) -> None:
     for song, (kind, how, _) in BROKEN.items():
-        path = catalog_dir / "media" / ("audio" if kind == "audio" else "covers") / f"{song}.{'wav' if kind == 'audio' else 'png'}"
+        folder, ext = ("audio", "wav") if kind == "audio" else ("covers", "png")
+        path = catalog_dir / "media" / folder / f"{song}.{ext}"
         if how == "garbage":
             path.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk" * 50)
         elif how == "empty":

@@ -114,7 +114,8 @@ def _nearest_centroid_accuracy(x: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_instrument_is_recoverable_from_the_audio(synthetic_catalog, truth):
-    feats = np.stack([spectral_features(*sf.read(synthetic_catalog.root / p)) for p in synthetic_catalog.songs.audio_path])
+    feats = np.stack([spectral_features(*sf.read(synthetic_catalog.root / p))
+                      for p in synthetic_catalog.songs.audio_path])
     labels = truth.instrument[synthetic_catalog.songs.song_id].to_numpy()
     acc = _nearest_centroid_accuracy(feats, labels)
     assert acc > 2.0 / len(INSTRUMENTS), acc  # well above chance (0.25) from three crude spectral statistics

@@ -9,9 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmrec.features import ShardedRows, load_media_features, pooled_rows
+from llmrec.features import ShardedRows, load_media_features, media_rows, pooled_rows
 from testkit.tiny_bundle import write_random_features
-from llmrec.features import media_rows
 
 IDS = [f"s{i:05d}" for i in range(23)]
 

@@ -1,4 +1,4 @@
-"""Importing llmrec drops bitsandbytes' "pip install kernels" hint (issue: every command printed it) and nothing else."""
+"""Importing llmrec drops bitsandbytes' "pip install kernels" hint (every command printed it) and nothing else."""
 import logging
 import subprocess
 import sys

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from llmrec.schema import load_song_attributes
-from llmrec.schema import split_time
+from llmrec.schema import load_song_attributes, split_time
 from llmrec.split import Split, leave_last_out, split_catalog, temporal_split, tuning_split
 
 

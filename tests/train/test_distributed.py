@@ -14,8 +14,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from train.distributed import load_ds_config, resolve_ds_config
 from testkit.tinyjob import build, outputs
+from train.distributed import load_ds_config, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3

@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
 from llmrec.config import ModelConfig
+from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
 from train.qlora import load_backbone_4bit, prepare_for_qlora
 
 

@@ -16,8 +16,8 @@ from llmrec.config import load_config
 from llmrec.features import load_media_features
 from llmrec.io import open_run_dir
 from llmrec.model.bundle import load_bundle
-from llmrec.model.mm_lm import MultimodalLM
 from llmrec.model.collate import MultimodalCollator
+from llmrec.model.mm_lm import MultimodalLM
 from train.stages import _mm_config, add_lora, item_prompts, run_train, train_stage2_parameters
 
 pytestmark = pytest.mark.slow

@@ -59,7 +59,8 @@ def test_text_rows_come_with_embedding_rows_only(collate):
 
     text = TextFeatures(["s1", "s2"], {"s1": 0, "s2": 1}, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "minilm")
     fused = replace(collate, text_features=text)
-    media = fused([{"prompt": "describe", "text_song_id": "s2"}, {"prompt": "describe", "text_song_id": "nope"}])["media"]
+    rows = [{"prompt": "describe", "text_song_id": "s2"}, {"prompt": "describe", "text_song_id": "nope"}]
+    media = fused(rows)["media"]
     torch.testing.assert_close(media.text, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))  # unknown song: a zero row
     assert fused([{"prompt": "describe", "answer": "piano"}])["media"].text is None  # reason rows carry none
     assert collate([{"prompt": "describe", "text_song_id": "s1"}])["media"].text is None  # model without fusion
@@ -71,8 +72,8 @@ def test_overlong_prompt_is_a_clear_error(collate):
 
 
 def test_modality_dropout_marks_rows_missing_reproducibly():
-    from llmrec.model.mm_lm import MediaBatch
     from llmrec.model.collate import drop_modalities
+    from llmrec.model.mm_lm import MediaBatch
 
     media = MediaBatch(torch.randn(400, 1, 2, 3), torch.ones(400), torch.randn(400, 1, 2, 3), torch.ones(400))
     assert drop_modalities(media, 0.0, torch.Generator().manual_seed(0)) is media

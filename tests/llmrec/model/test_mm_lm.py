@@ -135,7 +135,8 @@ def _greedy_by_hand(model, text, m, steps):
 
 
 def test_generate_left_padded_batch_matches_greedy_by_hand(model):
-    texts = [f"a slow piano song {AUDIO_TOKEN}", f"you like fast synth rock with a calm cover {AUDIO_TOKEN}{COVER_TOKEN}"]
+    texts = [f"a slow piano song {AUDIO_TOKEN}",
+             f"you like fast synth rock with a calm cover {AUDIO_TOKEN}{COVER_TOKEN}"]
     model.tokenizer.padding_side = "left"
     try:
         ids, mask = encode(model, texts)
