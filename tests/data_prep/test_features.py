@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data_prep.features import extract_features, plan_shards, run_features, select_shards
+from data_prep.features import extract_features, run_features
 from llmrec.features import load_media_features, load_text_features
 from llmrec.io import MissingArtefactError, RunDir, file_sha256
 from llmrec.media.audio import load_audio
@@ -216,22 +216,6 @@ def test_missing_features_name_the_command(tmp_path):
 def test_missing_catalog_names_prepare(tmp_path, quick_config):
     with pytest.raises(MissingArtefactError, match="llmrec prepare"):
         run_features(quick_config, RunDir(tmp_path), argparse.Namespace(no_progress=True))
-
-
-def test_shard_plan_and_rank_selection(synthetic_catalog, tmp_path):
-    ids = sorted(synthetic_catalog.songs.song_id)
-    assert len(ids) == 144
-    plan = plan_shards(synthetic_catalog, 50, tmp_path)
-    assert [len(t.songs) for t in plan] == [48, 48, 48]  # ceil(144 / 50) = 3 equal shards, no short last one
-    assert plan[1].song_ids == ids[48:96]
-    assert [len(t.songs) for t in plan_shards(synthetic_catalog, 64, tmp_path)] == [48, 48, 48]
-    uneven = plan_shards(synthetic_catalog, 10, tmp_path)  # 15 shards of 9 or 10 songs, in id order
-    assert len(uneven) == 15 and {len(t.songs) for t in uneven} == {9, 10}
-    assert [s for t in uneven for s in t.song_ids] == ids
-    assert [t.index for t in select_shards(plan, 1, 2)] == [1]
-    assert [t.index for t in select_shards(plan, 0, 2)] == [0, 2]
-    with pytest.raises(ValueError, match="shard_index"):
-        select_shards(plan, 2, 2)
 
 
 def test_partial_slices_are_reported_incomplete_then_completed(broken_run, synthetic_catalog, tmp_path):
