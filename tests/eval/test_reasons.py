@@ -301,7 +301,7 @@ def test_section_scores_what_the_endpoint_returns(tiny_run, synthetic_catalog, m
 
 
 def test_the_markdown_compares_served_greedy_and_evidence_reasons():
-    from eval.report import reasons_markdown
+    from eval.render import reasons_markdown
 
     r = {"n": 2, "faithfulness": 1.0, "by_kind": {"genre": {"n": 2, "faithfulness": 1.0}},
          "model_greedy": {"n": 2, "faithfulness": 0.25, "by_kind": {"perceived": {"n": 4, "faithfulness": 0.25}}},
