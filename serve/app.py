@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -515,18 +516,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     m.gauge("llmrec_queue_items", "Items waiting for the engine.", state.batched.queued)
     m.gauge("llmrec_index_songs", "Songs in the ANN index.", lambda: len(state.index))
-    m.gauge("llmrec_engine_batches_total", "Engine calls by operation.",
-            lambda: {(("op", op),): s["batches"] for op, s in state.batched.stats().items()})
-    m.gauge("llmrec_engine_items_total", "Items computed by operation.",
-            lambda: {(("op", op),): s["items"] for op, s in state.batched.stats().items()})
-    m.gauge("llmrec_overloaded_total", "Requests refused with 503 (queue full).", state.batched.overloaded)
-    m.gauge("llmrec_timeouts_total", "Requests answered with 504.",
-            lambda: sum(s["timeouts"] for s in state.batched.stats().values()))
-    m.gauge("llmrec_sanitizer_repairs_total", "Repairs made by the text sanitiser on request text, by kind.",
-            lambda: {(("kind", k),): v for k, v in state.inputs.stats.items()})
-    m.gauge("llmrec_reasons_total", "Reasons returned by source (model: a verified answer; evidence: the plain "
-            "evidence sentence; generic: no evidence), and answers not generated because the prompt overflowed.",
-            lambda: {(("source", k),): v for k, v in sorted(state.reasons.counts.items())})
+    m.counter("llmrec_engine_batches_total", "Engine calls by operation.",
+              lambda: {op: s["batches"] for op, s in state.batched.stats().items()}, label="op")
+    m.counter("llmrec_engine_items_total", "Items computed by operation.",
+              lambda: {op: s["items"] for op, s in state.batched.stats().items()}, label="op")
+    m.counter("llmrec_overloaded_total", "Requests refused with 503 (queue full).", state.batched.overloaded)
+    m.counter("llmrec_timeouts_total", "Requests answered with 504.",
+              lambda: sum(s["timeouts"] for s in state.batched.stats().values()))
+    m.counter("llmrec_sanitizer_repairs_total", "Repairs made by the text sanitiser on request text, by kind.",
+              lambda: dict(state.inputs.stats), label="kind")
+    m.counter("llmrec_reasons_total", "Reasons returned by source (model: a verified answer; evidence: the plain "
+              "evidence sentence; generic: no evidence), and answers not generated because the prompt overflowed.",
+              lambda: dict(sorted(state.reasons.counts.items())), label="source")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -577,7 +578,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
+        return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
     if state.cfg.serve.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

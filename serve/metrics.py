@@ -1,64 +1,64 @@
-"""Request metrics in the Prometheus text exposition format (version 0.0.4) for `GET /metrics`.
+"""Request metrics for `GET /metrics`, with `prometheus_client`.
 
-Hand-written because `prometheus_client` is not part of this environment (nor of the `serve` extra); what the app
-needs — labelled counters, a latency histogram and a few gauges read at scrape time — is small enough to render
-directly, and the output parses with any Prometheus scraper.
+Each `Metrics` owns its `CollectorRegistry` (not the process-wide default one), so several apps in one process (the
+tests, the demo) count apart. Requests are counted and timed here; the rest (queue, batches, sanitiser repairs,
+reasons) is already counted where it happens and is read at scrape time.
 """
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
-from collections import defaultdict
-from typing import Callable
+from typing import Callable, Mapping
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# No `*_created` series: the exposition stays the series dashboards already chart (requests, latency, the values
+# below), without one timestamp series per label set. prometheus_client has only a process-wide switch for this;
+# the server process exposes no other registry.
+prometheus_client.disable_created_metrics()
 
-def _labels(**labels: str) -> str:
-    if not labels:
-        return ""
-    esc = lambda v: str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')  # noqa: E731
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in sorted(labels.items())) + "}"
+Read = Callable[[], "float | Mapping[str, float]"]
+
+
+class ReadAtScrape:
+    """A collector for one value the server counts elsewhere: `read()` returns a number, or {label value: number}
+    for the one label `label`."""
+
+    def __init__(self, family: type, name: str, help_text: str, read: Read, label: str | None = None):
+        self.family, self.name, self.help_text, self.read, self.label = family, name, help_text, read, label
+
+    def collect(self):
+        family = self.family(self.name, self.help_text, labels=[self.label] if self.label else None)
+        value = self.read()
+        if self.label:
+            for key, v in value.items():
+                family.add_metric([str(key)], float(v))
+        else:
+            family.add_metric([], float(value))
+        yield family
 
 
 class Metrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (endpoint, status) -> count
-        self.latency: dict[str, list[int]] = {}  # endpoint -> bucket counts (last = +Inf)
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.gauges: dict[str, tuple[str, Callable[[], dict[tuple, float] | float]]] = {}
+        self.registry = CollectorRegistry()
+        # a counter named `llmrec_requests_total` is exposed under that name (prometheus_client adds the `_total`)
+        self.requests = Counter("llmrec_requests_total", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("llmrec_request_seconds", "Request latency.", ["endpoint"], buckets=BUCKETS,
+                                 registry=self.registry)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(endpoint, status)] += 1
-            counts = self.latency.setdefault(endpoint, [0] * (len(BUCKETS) + 1))
-            counts[bisect_left(BUCKETS, seconds)] += 1
-            self.latency_sum[endpoint] += seconds
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], dict[tuple, float] | float]) -> None:
-        """A value read at scrape time: a number, or {((label, value), ...): number}."""
-        self.gauges[name] = (help_text, read)
+    def gauge(self, name: str, help_text: str, read: Read, label: str | None = None) -> None:
+        self.registry.register(ReadAtScrape(GaugeMetricFamily, name, help_text, read, label))
 
-    def render(self) -> str:
-        lines = ["# HELP llmrec_requests_total HTTP requests by endpoint and status code.",
-                 "# TYPE llmrec_requests_total counter"]
-        with self._lock:
-            for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f"llmrec_requests_total{_labels(endpoint=endpoint, status=str(status))} {n}")
-            lines += ["# HELP llmrec_request_seconds Request latency.", "# TYPE llmrec_request_seconds histogram"]
-            for endpoint, counts in sorted(self.latency.items()):
-                total = 0
-                for bound, n in zip((*BUCKETS, "+Inf"), counts):
-                    total += n
-                    lines.append(f"llmrec_request_seconds_bucket{_labels(endpoint=endpoint, le=str(bound))} {total}")
-                lines.append(f"llmrec_request_seconds_sum{_labels(endpoint=endpoint)} {self.latency_sum[endpoint]:.6f}")
-                lines.append(f"llmrec_request_seconds_count{_labels(endpoint=endpoint)} {total}")
-        for name, (help_text, read) in sorted(self.gauges.items()):
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            value = read()
-            items = value.items() if isinstance(value, dict) else [((), value)]
-            for labels, v in items:
-                lines.append(f"{name}{_labels(**dict(labels))} {float(v):g}")
-        return "\n".join(lines) + "\n"
+    def counter(self, name: str, help_text: str, read: Read, label: str | None = None) -> None:
+        """`name` ends in `_total`, as exposed."""
+        self.registry.register(ReadAtScrape(CounterMetricFamily, name, help_text, read, label))
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
