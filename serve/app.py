@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
-import json
 import logging
 import os
 import secrets
@@ -37,6 +35,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmrec.claims import ServedReason
@@ -51,6 +51,7 @@ from serve.index import SongIndex, load_index
 from serve.inputs import MediaCodec, RequestError, SongInputs, SongMedia, resolve_media_path
 from serve.metrics import Metrics
 from serve.reasons import ReasonWriter
+from serve.requests import RequestModels, describe, request_models
 
 log = logging.getLogger("llmrec.serve")
 API_KEY_ENV = "LLMREC_API_KEY"
@@ -219,64 +220,20 @@ def body_too_large(e: BaseException) -> bool:
 
 # ------------------------------------------------------------------------------------------------ parsing
 
-async def read_json(request: Request) -> dict:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError("body", f"malformed JSON ({e})", 400) from None
-    except RecursionError:  # e.g. 100k nested brackets: a client error, not a 500 with a traceback per request
-        raise RequestError("body", "JSON nested too deeply", 400) from None
-    if not isinstance(data, dict):
-        raise RequestError("body", "expected a JSON object")
-    return data
-
-
-def int_field(data: dict, name: str, default: int, lo: int, hi: int) -> int:
-    value = data.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise RequestError(name, f"expected an integer in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-def bool_field(data: dict, name: str, default: bool) -> bool:
-    value = data.get(name, default)
-    if not isinstance(value, bool):
-        raise RequestError(name, f"expected true or false, got {value!r}")
-    return value
-
-
-def decode_base64(value: Any, field: str, limit: int) -> bytes:
-    if not isinstance(value, str):
-        raise RequestError(field, "expected base64 text")
-    if len(value) > limit * 4 // 3 + 8:
-        raise RequestError(field, f"upload over {limit} bytes (serve.max_upload_bytes)", 413)
-    try:
-        return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(field, "not valid base64") from None
-
-
-def song_ids_field(state: ServerState, data: dict) -> tuple[list[str], str | None]:
-    """(history, user id) from `user_id` or `history`; unknown ids and empty histories are refused."""
-    if ("user_id" in data) == ("history" in data):
+def history_for(state: ServerState, body: BaseModel) -> tuple[list[str], str | None]:
+    """(history, user id) from `user_id` or `history`; unknown ids are refused."""
+    if ("user_id" in body.model_fields_set) == ("history" in body.model_fields_set):
         raise RequestError("user_id", "give exactly one of `user_id` or `history` (recent song ids)")
-    if "user_id" in data:
-        user = data["user_id"]
-        history = state.inputs.history(user)
+    if "user_id" in body.model_fields_set:
+        history = state.inputs.history(body.user_id)
         if not history:
-            raise RequestError("user_id", f"user {user!r} has no plays yet: give a `history` instead")
-        return history, user
-    history = data["history"]
-    if not isinstance(history, list) or not history:
-        raise RequestError("history", "expected a non-empty list of song ids (most recent first)")
-    if len(history) > state.cfg.serve.max_batch:
-        raise RequestError("history", f"{len(history)} songs; at most {state.cfg.serve.max_batch} are allowed")
-    for i, sid in enumerate(history):
+            raise RequestError("user_id", f"user {body.user_id!r} has no plays yet: give a `history` instead")
+        return history, body.user_id
+    for i, sid in enumerate(body.history):
         state.inputs.song(sid, f"history[{i}]")
         if sid not in state.index.position:
             raise RequestError(f"history[{i}]", f"song {sid!r} is not in the index", 404)
-    return list(dict.fromkeys(history)), None
+    return list(dict.fromkeys(body.history)), None
 
 
 # ------------------------------------------------------------------------------------------------ new songs
@@ -288,29 +245,20 @@ class NewSong:
     cover: bytes | Path | None = None
 
 
-def parse_new_song(state: ServerState, data: dict, field: str, files: dict | None = None) -> NewSong:
-    data = dict(data)
-    limit = state.cfg.serve.max_upload_bytes
+def parse_new_song(state: ServerState, body: BaseModel, field: str, files: dict | None = None) -> NewSong:
+    """`body`: a validated new song (`RequestModels.new_song`); `files`: its multipart uploads."""
     media: dict[str, bytes | Path | None] = {}
     for kind in ("audio", "cover"):
-        raw, path = data.pop(kind, None), data.pop(f"{kind}_path", None)
-        upload = (files or {}).get(kind)
-        given = [x is not None for x in (raw, path, upload)]
-        if sum(given) > 1:
+        raw, path, upload = getattr(body, kind), getattr(body, f"{kind}_path"), (files or {}).get(kind)
+        if sum(x is not None for x in (raw, path, upload)) > 1:
             raise RequestError(f"{field}.{kind}", f"give {kind} once: base64, a {kind}_path or a file part")
-        if raw is not None:
-            media[kind] = decode_base64(raw, f"{field}.{kind}", limit)
-        elif path is not None:
+        if path is not None:
             media[kind] = resolve_media_path(path, state.cfg.serve.media_roots, f"{field}.{kind}_path")
         else:
-            media[kind] = upload
-        if isinstance(media[kind], bytes):
-            if len(media[kind]) > limit:
-                raise RequestError(f"{field}.{kind}", f"upload of {len(media[kind])} bytes; at most {limit} "
-                                                      f"(serve.max_upload_bytes)", 413)
-            if not media[kind]:
-                raise RequestError(f"{field}.{kind}", "empty upload")
-    return NewSong(state.inputs.new_song(data, field), media["audio"], media["cover"])
+            media[kind] = raw if raw is not None else upload
+        if media[kind] == b"":
+            raise RequestError(f"{field}.{kind}", "empty upload")
+    return NewSong(state.inputs.new_song(body.model_extra, field), media["audio"], media["cover"])
 
 
 def encode_new_song(state: ServerState, song: NewSong, field: str) -> SongMedia:
@@ -340,8 +288,8 @@ async def read_multipart(state: ServerState, request: Request) -> tuple[dict, di
     if unknown:
         raise RequestError(unknown[0], "unknown form field; use input (JSON), audio, cover, neighbours")
     try:
-        data = json.loads(form.get("input") or "")
-    except (json.JSONDecodeError, TypeError):
+        data = from_json(form.get("input") or "")  # Pydantic's parser: deep nesting is an error, not a recursion
+    except (ValueError, TypeError):
         raise RequestError("input", "form field `input` must be a JSON object with the song's metadata") from None
     files = {}
     for kind in ("audio", "cover"):
@@ -376,39 +324,28 @@ def song_card(state: ServerState, sid: str, score: float) -> dict:
     return {"song_id": sid, "score": round(score, 6), "title": row.get("title"), "artist": row.get("artist")}
 
 
-async def embeddings(state: ServerState, request: Request) -> dict:
+async def embeddings(state: ServerState, models: RequestModels, request: Request) -> dict:
     files = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         data, files = await read_multipart(state, request)
+        body = models.embeddings.model_validate(data)
     else:
-        data = await read_json(request)
-    raw = data.get("input")
-    many = isinstance(raw, list)
-    items = raw if many else [raw]
-    if raw is None or not items:
-        raise RequestError("input", "expected a song id, a new song object, or a non-empty list of them")
-    if len(items) > state.cfg.serve.max_batch:
-        raise RequestError("input", f"{len(items)} items; at most {state.cfg.serve.max_batch} per request "
-                                    f"(serve.max_batch)")
-    if files and (many or not isinstance(raw, dict)):
+        body = models.embeddings.model_validate_json(await request.body())
+    many = isinstance(body.input, list)
+    items = body.input if many else [body.input]
+    if files and not isinstance(body.input, BaseModel):
         raise RequestError("input", "file parts go with exactly one new song object")
-    fmt = data.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise RequestError("encoding_format", "expected 'float' or 'base64'")
-    k = int_field(data, "neighbours", 0, 0, state.cfg.serve.max_top_k)
-    add = bool_field(data, "add_to_index", False)
+    fmt, k, add = body.encoding_format, body.neighbours, body.add_to_index
     engine_items, new_rows = [], {}
     for i, item in enumerate(items):
         where = f"input[{i}]" if many else "input"
         if isinstance(item, str):
             engine_items.append(state.inputs.catalog_embed_input(item, where))
-        elif isinstance(item, dict):
+        else:
             song = parse_new_song(state, item, where, files)
             media = await run_in_threadpool(encode_new_song, state, song, where)
             engine_items.append(state.inputs.embed_input(song.row, media))
             new_rows[i] = (song.row, media)
-        else:
-            raise RequestError(where, "expected a song id (string) or a new song (object)")
     if add:
         for i, (row, _) in new_rows.items():
             sid = row.get("song_id")
@@ -463,14 +400,10 @@ async def reasons_for(state: ServerState, history: list[str], song_ids: list[str
     return state.reasons.finish(plan, texts)
 
 
-async def recommendations(state: ServerState, request: Request) -> dict:
-    data = await read_json(request)
-    history, user = song_ids_field(state, data)
-    k = int_field(data, "k", 10, 1, state.cfg.serve.max_top_k)
-    exclude_seen = bool_field(data, "exclude_seen", True)
-    with_reasons = bool_field(data, "reasons", True)
-    with_evidence = bool_field(data, "evidence", False)
-    n_tokens = int_field(data, "max_new_tokens", state.cfg.serve.max_new_tokens, 1, state.cfg.serve.max_new_tokens)
+async def recommendations(state: ServerState, body: BaseModel) -> dict:
+    history, user = history_for(state, body)
+    k, exclude_seen, with_reasons, with_evidence, n_tokens = (body.k, body.exclude_seen, body.reasons, body.evidence,
+                                                              body.max_new_tokens)
     known = [s for s in history if s in state.index.position][:HISTORY_FOR_QUERY]
     if not known:
         raise RequestError("user_id", f"none of user {user!r}'s songs are in the index")
@@ -485,13 +418,10 @@ async def recommendations(state: ServerState, request: Request) -> dict:
             "model": state.model_name}
 
 
-async def explanations(state: ServerState, request: Request) -> dict:
-    data = await read_json(request)
-    history, user = song_ids_field(state, data)
-    sid = data.get("song_id")
+async def explanations(state: ServerState, body: BaseModel) -> dict:
+    history, user = history_for(state, body)
+    sid, n_tokens, with_evidence = body.song_id, body.max_new_tokens, body.evidence
     state.inputs.song(sid, "song_id")
-    n_tokens = int_field(data, "max_new_tokens", state.cfg.serve.max_new_tokens, 1, state.cfg.serve.max_new_tokens)
-    with_evidence = bool_field(data, "evidence", False)
     reason = (await reasons_for(state, history, [sid], n_tokens, user))[0]
     return {"object": "explanation", "song_id": sid, "user_id": user, **reason.as_json(with_evidence),
             "model": state.model_name}
@@ -552,23 +482,41 @@ def create_app(state: ServerState) -> FastAPI:
         m.observe(label, response.status_code, time.perf_counter() - t0)
         return response
 
-    def endpoint(fn):
-        async def handler(request: Request):
-            try:
-                return await fn(state, request)
-            except RequestError as e:
-                return error(e.status, str(e), e.field)
-            except Overloaded as e:
-                return error(503, str(e), headers={"Retry-After": "1"})
-            except RequestTimeout as e:
-                return error(504, str(e))
-            except ValueError as e:  # an input the engine cannot take (e.g. a prompt over the context)
-                return error(422, str(e))
-        return handler
+    # Client errors in the documented shape: a body the models refuse, and what the endpoints refuse after it.
+    @app.exception_handler(ValidationError)
+    async def invalid_body(request: Request, exc: ValidationError):
+        status, field, message = describe(exc)
+        return error(status, message, field)
 
-    for path, fn in (("/v1/embeddings", embeddings), ("/v1/recommendations", recommendations),
-                     ("/v1/explanations", explanations)):
-        app.add_api_route(path, endpoint(fn), methods=["POST"])
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError):
+        return error(exc.status, str(exc), exc.field)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        return error(503, str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestTimeout)
+    async def timed_out(request: Request, exc: RequestTimeout):
+        return error(504, str(exc))
+
+    @app.exception_handler(ValueError)
+    async def not_for_the_engine(request: Request, exc: ValueError):  # e.g. a prompt over the context
+        return error(422, str(exc))
+
+    models = request_models(state.cfg.serve)
+
+    @app.post("/v1/embeddings")
+    async def embeddings_route(request: Request):
+        return await embeddings(state, models, request)
+
+    @app.post("/v1/recommendations")
+    async def recommendations_route(request: Request):
+        return await recommendations(state, models.recommendations.model_validate_json(await request.body()))
+
+    @app.post("/v1/explanations")
+    async def explanations_route(request: Request):
+        return await explanations(state, models.explanations.model_validate_json(await request.body()))
 
     @app.get("/health")
     async def health():

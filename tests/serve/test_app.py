@@ -288,6 +288,9 @@ BAD_JSON_REQUESTS = [
     ("/v1/embeddings", {"input": ["s_nope"]}, 404, "input[0]", "unknown song id 's_nope'"),
     ("/v1/embeddings", {"input": []}, 422, "input", "non-empty list"),
     ("/v1/embeddings", {"input": 42}, 422, "input", "expected a song id"),
+    ("/v1/embeddings", {"input": None}, 422, "input", "expected a song id, a new song object"),
+    ("/v1/embeddings", {"input": ["x", 42]}, 422, "input[1]", "expected a song id"),
+    ("/v1/embeddings", {"input": [NEW_SONG, {**NEW_SONG, "cover": 7}]}, 422, "input[1].cover", "base64 text"),
     ("/v1/embeddings", {"input": {"artist": "x"}}, 422, "input.title", "needs a title"),
     ("/v1/embeddings", {"input": {**NEW_SONG, "bpm": 120}}, 422, "input.bpm", "unknown field"),
     ("/v1/embeddings", {"input": {**NEW_SONG, "lyrics": "la " * 3000}}, 422, "input.lyrics", "serve.max_text_chars"),
@@ -309,6 +312,7 @@ BAD_JSON_REQUESTS = [
     ("/v1/recommendations", {"history": ["s_nope"]}, 404, "history[0]", "unknown song id"),
     ("/v1/recommendations", {"history": "s00001"}, 422, "history", "non-empty list"),
     ("/v1/recommendations", {"history": None, "k": 5}, 422, "history", "non-empty list"),
+    ("/v1/recommendations", {"history": ["x"] * 65}, 422, "history", "at most 64 per request (serve.max_batch)"),
     ("/v1/recommendations", {"user_id": None}, 404, "user_id", "unknown user id None"),
     ("/v1/explanations", {"history": ["s_nope"], "song_id": "x"}, 404, "history[0]", "unknown song id"),
 ]
@@ -350,6 +354,9 @@ def test_bad_parameters_malformed_bodies_and_the_server_keeps_serving(client, st
     # 100k nested brackets: a 400 naming the problem, not a 500 with a RecursionError traceback per request
     err(client.post("/v1/embeddings", content=b"[" * 100_000 + b"]" * 100_000,
                     headers={"content-type": "application/json"}), 400, "body", "nested too deeply")
+    # ... also inside a multipart form field
+    err(client.post("/v1/embeddings", data={"input": "[" * 100_000 + "]" * 100_000}), 422, "input",
+        "must be a JSON object")
     assert client.get("/health").status_code == 200
     assert client.post("/v1/embeddings", json={"input": some}).status_code == 200
 
