@@ -8,6 +8,7 @@ so a run killed with kill -9 loses at most the shards that were in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -17,17 +18,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from data_prep.shards import FORMAT_VERSION, ShardTask, SongMedia, shard_name, shard_record
 from llmrec.config import ModelConfig
 from llmrec.io import atomic_path
 from llmrec.media import MediaError, load_audio, prepare_image
 from llmrec.model.encoders import MediaEncoder
+from llmrec.text_features import encode_texts
 
 # ------------------------------------------------------------------------------------------------ worker side
 
@@ -255,9 +258,10 @@ def run_pool(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Ca
             raise
 
 
-def run_ray(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Callable[[dict], None]) -> None:
-    """The same shard function as Ray tasks: a local Ray instance with `workers` CPUs, or the cluster named by
-    RAY_ADDRESS. Each task takes one CPU; Ray retries a shard whose worker died."""
+@contextlib.contextmanager
+def ray_session(workers: int) -> Iterator[Any]:
+    """The `ray` module, initialised for the duration: a local Ray instance with `workers` CPUs, or the cluster named
+    by RAY_ADDRESS; left as it was found when Ray was already initialised by the caller."""
     try:
         import ray
     except ImportError:
@@ -269,6 +273,16 @@ def run_ray(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Cal
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_ray(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Callable[[dict], None]) -> None:
+    """The same shard function as Ray tasks (`ray_session`). Each task takes one CPU; Ray retries a shard whose
+    worker died."""
+    with ray_session(workers) as ray:
         remote = ray.remote(num_cpus=1, max_retries=2)(ray_run_shard)
         spec_ref = ray.put(spec)
         pending = {remote.remote(spec_ref, t): t for t in tasks}
@@ -279,6 +293,35 @@ def run_ray(tasks: list[ShardTask], spec: WorkerSpec, workers: int, on_done: Cal
                 on_done(ray.get(done[0]))
             except Exception as e:
                 raise RuntimeError(f"feature extraction failed on shard {task.index}: {e}") from e
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def encode_text_chunk(texts: list[str], encoder: str) -> np.ndarray:
+    """Ray task body: one torch thread per task (Ray runs one task per CPU); the sentence encoder is loaded once
+    per worker process (`llmrec.text_features.minilm` is cached) and reused by every later chunk."""
+    torch.set_num_threads(1)
+    quiet_hf_progress()
+    return encode_texts(texts, encoder)
+
+
+def encode_texts_on_ray(texts: list[str], encoder: str, workers: int, chunk_size: int = 1024,
+                        progress: bool = True) -> np.ndarray:
+    """`encode_texts` over Ray tasks of `chunk_size` texts, rows in input order, with a progress bar (and ETA)
+    per finished chunk. Only for `minilm`: TF-IDF fits one vocabulary over the whole corpus, so it stays in one
+    process."""
+    if encoder != "minilm":
+        raise ValueError(f"text features on Ray need features.text_encoder=minilm, not {encoder!r} (TF-IDF is fitted "
+                         "on the whole corpus at once)")
+    if not texts:
+        return np.zeros((0, 384), dtype=np.float32)
+    chunks = [texts[i:i + chunk_size] for i in range(0, len(texts), chunk_size)]
+    out: list[np.ndarray | None] = [None] * len(chunks)
+    with ray_session(workers) as ray, tqdm(total=len(texts), unit="text", desc="text features (ray)",
+                                           disable=not progress) as bar:
+        remote = ray.remote(num_cpus=1, max_retries=2)(encode_text_chunk)
+        pending = {remote.remote(chunk, encoder): i for i, chunk in enumerate(chunks)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            out[i] = ray.get(done[0])
+            bar.update(len(chunks[i]))
+    return np.concatenate(out).astype(np.float32, copy=False)

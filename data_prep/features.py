@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from data_prep.feature_workers import (
     WorkerSpec,
+    encode_texts_on_ray,
     quiet_hf_progress,
     run_in_process,
     run_pool,
@@ -113,6 +114,15 @@ def _clean_stale_temp_files(tasks: list[ShardTask]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _text_encoder(cfg: Config, progress: bool):
+    """Ray workers for the sentence encoder under `features.engine=ray` (MiniLM only: TF-IDF is fitted on the whole
+    corpus in one process); None = in this process (`llmrec.text_features.encode_texts`)."""
+    f = cfg.features
+    if f.engine != "ray" or f.text_encoder != "minilm":
+        return None
+    return partial(encode_texts_on_ray, encoder=f.text_encoder, workers=resolve_workers(f.workers), progress=progress)
+
+
 def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: bool = True) -> dict:
     """Extract this rank's media shards (skipping finished ones) and, on rank 0, the text features."""
     f = cfg.features
@@ -131,7 +141,9 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
     manifest = Manifest.open(out_dir / "manifest.json", header)
     todo = [t for t in mine if not manifest.is_done(t)]
     # Rank 0 writes the text features for the whole catalogue; before the media, while the fork server imports.
-    text = build_text_features(catalog, cfg, out_dir, progress) if f.shard_index == 0 else None
+    text = None
+    if f.shard_index == 0:
+        text = build_text_features(catalog, cfg, out_dir, progress, encode=_text_encoder(cfg, progress))
     _clean_stale_temp_files(todo)
     spec = WorkerSpec(cfg.model, str(out_dir / "encoders"), cfg.seed, fhash, f.max_audio_seconds,
                       f.min_audio_seconds, f.max_image_pixels)

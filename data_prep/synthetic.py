@@ -308,19 +308,21 @@ def generate_catalog(cfg: SyntheticConfig, out_dir: str | Path, seed: int = 0, p
                        -rng.uniform(0, 8 * 365 * 86400.0, n))
     artist_names = [f"{ARTIST_FIRST[i % len(ARTIST_FIRST)]} {ARTIST_LAST[(i * 7) % len(ARTIST_LAST)]}"
                     + (f" {i // (len(ARTIST_LAST))}" if i >= len(ARTIST_LAST) else "") for i in range(cfg.n_artists)]
-    media = out_dir / "media"
-    (media / "audio").mkdir(parents=True, exist_ok=True)
-    (media / "covers").mkdir(parents=True, exist_ok=True)
+    if cfg.media:
+        (out_dir / "media" / "audio").mkdir(parents=True, exist_ok=True)
+        (out_dir / "media" / "covers").mkdir(parents=True, exist_ok=True)
     songs = []
     for i, a in enumerate(tqdm(attrs.to_dict("records"), desc="synthesising songs", disable=not progress)):
         srng = np.random.default_rng([seed, i])  # per-song stream: a song does not change if sizes change
         artist = artist_names[a["artist_idx"]]
-        audio_rel, cover_rel = f"media/audio/{a['song_id']}.wav", f"media/covers/{a['song_id']}.png"
-        with atomic_path(out_dir / audio_rel) as tmp:
-            sf.write(tmp, synthesize_audio(a, cfg.audio_seconds, cfg.sample_rate, srng), cfg.sample_rate,
-                     subtype="PCM_16", format="WAV")
-        with atomic_path(out_dir / cover_rel) as tmp:
-            synthesize_cover(a["mood"], cfg.cover_size, srng).save(tmp, format="PNG")
+        audio_rel = cover_rel = None
+        if cfg.media:
+            audio_rel, cover_rel = f"media/audio/{a['song_id']}.wav", f"media/covers/{a['song_id']}.png"
+            with atomic_path(out_dir / audio_rel) as tmp:
+                sf.write(tmp, synthesize_audio(a, cfg.audio_seconds, cfg.sample_rate, srng), cfg.sample_rate,
+                         subtype="PCM_16", format="WAV")
+            with atomic_path(out_dir / cover_rel) as tmp:
+                synthesize_cover(a["mood"], cfg.cover_size, srng).save(tmp, format="PNG")
         release_day = start + np.timedelta64(int(release[i]), "s")
         songs.append(
             {

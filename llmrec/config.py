@@ -38,6 +38,9 @@ class SyntheticConfig:
     audio_seconds: float = 3.0
     sample_rate: int = 16000  # WAV rate on disk; feature extraction resamples to the encoder's rate
     cover_size: int = 64
+    # False: no WAV/PNG files (audio_path/cover_path empty) — scale runs of the text and play-log path. A song's
+    # titles and lyrics then come from another random stream than with media, so the two catalogues differ in text.
+    media: bool = True
     comments_per_song: int = 4
     hostile_comment_rate: float = 0.05  # share of comments carrying prompt injection / special tokens
     start_date: str = "2026-01-01"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -82,8 +83,11 @@ def encode_texts(texts: list[str], encoder: str, seed: int = 0, progress: bool =
     raise ValueError(f"features.text_encoder {encoder!r}: choose 'minilm' or 'tfidf'")
 
 
-def build_text_features(catalog: Catalog, cfg: Config, out_dir: Path, progress: bool = True) -> dict:
-    """`text.safetensors`; skipped when the file already holds these texts encoded with this encoder."""
+def build_text_features(catalog: Catalog, cfg: Config, out_dir: Path, progress: bool = True,
+                        encode: Callable[[list[str]], np.ndarray] | None = None) -> dict:
+    """`text.safetensors`; skipped when the file already holds these texts encoded with this encoder. `encode`
+    replaces the in-process `encode_texts` (the features stage passes its Ray workers' encoder for
+    `features.engine=ray`); it must give the same encoder's vectors."""
     songs = catalog.songs.sort_values("song_id")
     texts = [song_text(row) for row in songs.itertuples(index=False)]
     ids = list(songs.song_id)
@@ -91,7 +95,8 @@ def build_text_features(catalog: Catalog, cfg: Config, out_dir: Path, progress: 
     path = out_dir / "text.safetensors"
     meta = read_shard_metadata(path) if path.is_file() else None
     if not meta or meta.get("text_hash") != text_hash:
-        vecs = encode_texts(texts, cfg.features.text_encoder, seed=cfg.seed, progress=progress)
+        vecs = (encode(texts) if encode is not None
+                else encode_texts(texts, cfg.features.text_encoder, seed=cfg.seed, progress=progress))
         with atomic_path(path) as tmp:
             save_file({"text": torch.from_numpy(vecs)}, str(tmp), metadata={
                 "song_ids": json.dumps(ids), "encoder": cfg.features.text_encoder, "text_hash": text_hash})

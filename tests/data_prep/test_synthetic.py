@@ -65,6 +65,20 @@ def test_deterministic_for_a_seed(tmp_path, quick_config):
     assert not a.interactions.equals(c.interactions)
 
 
+def test_media_off_writes_no_files_and_the_same_play_log(tmp_path, quick_config):
+    cfg = quick_config.synthetic
+    small = type(cfg)(**{**cfg.__dict__, "n_songs": 12, "n_new_songs": 3, "n_users": 10})
+    with_media = generate_catalog(small, tmp_path / "a", seed=7, progress=False)
+    text_only = generate_catalog(type(cfg)(**{**small.__dict__, "media": False}), tmp_path / "b", seed=7,
+                                 progress=False)
+    assert not (tmp_path / "b" / "media").exists()
+    loaded = load_catalog(tmp_path / "b")
+    assert loaded.songs.audio_path.isna().all() and loaded.songs.cover_path.isna().all()
+    assert dict(loaded.report.counts) == {}  # no media is not a defect
+    # the play log comes from the catalogue's own stream: only the songs' text differs
+    pd.testing.assert_frame_equal(with_media.interactions, text_only.interactions)
+
+
 def test_catalog_round_trips_and_validates_clean(synthetic_catalog):
     loaded = load_catalog(synthetic_catalog.root)
     assert len(loaded.songs) == 144 and len(loaded.users) == 80
