@@ -49,7 +49,7 @@ ANSWER_BUDGETS = (8, 32, 96)
 
 def build_run(work: Path, hidden: int, layers: int, quick: bool) -> RunDir:
     from data_prep.synthetic import generate_catalog
-    from serve.app import build_index
+    from serve.build_index import build_index
     from serve.engines.hf import HFEngine
     from testkit.tiny_bundle import TINY_LM, build_tiny_bundle, make_serve_run, wide_lm
 

@@ -13,9 +13,11 @@ import uvicorn
 
 from llmrec.config import Config
 from llmrec.io import MissingArtefactError, RunDir
-from serve.app import build_index, create_app, load_state
+from serve.app import create_app
+from serve.build_index import build_index
 from serve.index import StaleIndexError, load_index
 from serve.inputs import SONG_LIST_FIELDS, SONG_TEXT_FIELDS
+from serve.state import bundle_dir, load_state
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,7 +84,6 @@ def cold_song(catalog) -> dict:
 
 def run_demo(cfg: Config, run: RunDir, progress: bool = True) -> dict:
     from llmrec.schema import load_catalog
-    from serve.app import bundle_dir
     from serve.engines import load_engine
 
     engine = load_engine(bundle_dir(run), cfg.serve)

@@ -48,17 +48,43 @@ class Metrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("llmrec_request_seconds", "Request latency.", ["endpoint"], buckets=BUCKETS,
                                  registry=self.registry)
+        self._scraped: dict[str, ReadAtScrape] = {}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
     def gauge(self, name: str, help_text: str, read: Read, label: str | None = None) -> None:
-        self.registry.register(ReadAtScrape(GaugeMetricFamily, name, help_text, read, label))
+        self._read_at_scrape(ReadAtScrape(GaugeMetricFamily, name, help_text, read, label))
 
     def counter(self, name: str, help_text: str, read: Read, label: str | None = None) -> None:
         """`name` ends in `_total`, as exposed."""
-        self.registry.register(ReadAtScrape(CounterMetricFamily, name, help_text, read, label))
+        self._read_at_scrape(ReadAtScrape(CounterMetricFamily, name, help_text, read, label))
+
+    def _read_at_scrape(self, collector: ReadAtScrape) -> None:
+        # a name registered again (a new app over the same state) reads from the new source
+        if collector.name in self._scraped:
+            self.registry.unregister(self._scraped[collector.name])
+        self._scraped[collector.name] = collector
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
+
+
+def read_server_counts(m: Metrics, state) -> None:
+    """What /metrics shows besides the requests: read from the server state (serve/state.py) at scrape time."""
+    m.gauge("llmrec_queue_items", "Items waiting for the engine.", state.batched.queued)
+    m.gauge("llmrec_index_songs", "Songs in the ANN index.", lambda: len(state.index))
+    m.counter("llmrec_engine_batches_total", "Engine calls by operation.",
+              lambda: {op: s["batches"] for op, s in state.batched.stats().items()}, label="op")
+    m.counter("llmrec_engine_items_total", "Items computed by operation.",
+              lambda: {op: s["items"] for op, s in state.batched.stats().items()}, label="op")
+    m.counter("llmrec_overloaded_total", "Requests refused with 503 (queue full).", state.batched.overloaded)
+    m.counter("llmrec_timeouts_total", "Requests answered with 504.",
+              lambda: sum(s["timeouts"] for s in state.batched.stats().values()))
+    m.counter("llmrec_sanitizer_repairs_total", "Repairs made by the text sanitiser on request text, by kind.",
+              lambda: dict(state.inputs.stats), label="kind")
+    m.counter("llmrec_reasons_total", "Reasons returned by source (model: a verified answer; evidence: the plain "
+              "evidence sentence; generic: no evidence), and answers not generated because the prompt overflowed.",
+              lambda: dict(sorted(state.reasons.counts.items())), label="source")

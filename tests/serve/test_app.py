@@ -20,10 +20,12 @@ from PIL import Image
 from llmrec.claims import verified
 from llmrec.evidence import Evidence
 from llmrec.text import sanitize_text
-from serve.app import build_index, create_app, load_state
+from serve.app import create_app
 from serve.batching import BatchedEngine
+from serve.build_index import build_index
 from serve.engines.hf import HFEngine
 from serve.index import StaleIndexError, load_index
+from serve.state import load_state
 
 
 def wav_bytes(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> bytes:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmrec.cli import main
-from serve.app import run_serve, serve_engine_name
+from serve.cli import run_serve, serve_engine_name
 from serve.index import load_index
 
 
@@ -47,7 +47,7 @@ def test_demo_serves_every_endpoint_on_loopback_and_stops(serve_run, capsys):
 
 @pytest.mark.slow
 def test_build_index_on_ray_equals_the_local_build(serve_run, tmp_path):
-    from serve.app import build_index
+    from serve.build_index import build_index
     from serve.engines.hf import HFEngine
 
     cfg, run = serve_run
