@@ -233,8 +233,40 @@ def _blas_single_thread():
     return threadpool_limits(1, "blas")
 
 
-class _FactorModel(Recommender):
+class _ImplicitFactorModel(Recommender):
+    """A matrix-factorisation model that ``implicit`` fits: this class holds the arguments the two models share,
+    builds the implicit estimator from them (single-threaded BLAS, no progress bar) and scores with its factors.
+    A subclass names the estimator (``_estimator``), the constructor arguments of its own (``_own_params``,
+    attributes of the same name) and may transform the matrix first (``_prepare``)."""
+
     _model: Any = None
+    _own_params: tuple[str, ...] = ()
+
+    def __init__(self, factors: int, regularization: float, iterations: int, random_state: int,
+                 num_threads: int):
+        self.factors = int(factors)
+        self.regularization = float(regularization)
+        self.iterations = int(iterations)
+        self.random_state = random_state
+        self.num_threads = int(num_threads)
+
+    @staticmethod
+    @abc.abstractmethod
+    def _estimator() -> type:
+        """The implicit class (imported lazily: implicit is only needed once a factor model is fitted)."""
+
+    def _prepare(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        return x
+
+    def fit(self, train, **side):
+        estimator = self._estimator()
+        x = self._prepare(_as_csr(train))
+        names = ("factors", "regularization", "iterations", "random_state", "num_threads", *self._own_params)
+        with _blas_single_thread():
+            self._model = estimator(**{name: getattr(self, name) for name in names})
+            self._model.fit(x, show_progress=False)
+        self.n_items = x.shape[1]
+        return self
 
     @property
     def user_factors(self) -> np.ndarray:
@@ -252,7 +284,7 @@ class _FactorModel(Recommender):
         return np.asarray(self.user_factors[u] @ self.item_factors.T, dtype=np.float32)
 
 
-class ALS(_FactorModel):
+class ALS(_ImplicitFactorModel):
     """Implicit-feedback ALS (Hu, Koren & Volinsky 2008) via ``implicit.cpu.als``.
 
     ``weighting="none"``: confidence = ``alpha * value`` (implicit 0.7 semantics: C_ui = alpha*r_ui
@@ -260,6 +292,8 @@ class ALS(_FactorModel):
     first (``bm25_K1``, ``bm25_B``), which damps heavy listeners and popular tracks; ``alpha`` still
     scales the result.
     """
+
+    _own_params = ("alpha",)
 
     def __init__(
         self,
@@ -275,17 +309,19 @@ class ALS(_FactorModel):
     ):
         if weighting not in ("none", "bm25"):
             raise ValueError(f"weighting must be 'none' or 'bm25', got {weighting!r}")
-        self.factors = int(factors)
-        self.regularization = float(regularization)
-        self.iterations = int(iterations)
+        super().__init__(factors, regularization, iterations, random_state, num_threads)
         self.alpha = float(alpha)
         self.weighting = weighting
         self.bm25_K1 = float(bm25_K1)
         self.bm25_B = float(bm25_B)
-        self.random_state = random_state
-        self.num_threads = int(num_threads)
 
-    def _weight(self, x: sp.csr_matrix) -> sp.csr_matrix:
+    @staticmethod
+    def _estimator() -> type:
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        return AlternatingLeastSquares
+
+    def _prepare(self, x: sp.csr_matrix) -> sp.csr_matrix:
         if self.weighting == "bm25":
             from implicit.nearest_neighbours import bm25_weight
 
@@ -293,31 +329,16 @@ class ALS(_FactorModel):
             x = bm25_weight(x.T, K1=self.bm25_K1, B=self.bm25_B).T.tocsr().astype(np.float32)
         return x
 
-    def fit(self, train, **side):
-        from implicit.cpu.als import AlternatingLeastSquares
 
-        x = self._weight(_as_csr(train))
-        with _blas_single_thread():
-            self._model = AlternatingLeastSquares(
-                factors=self.factors,
-                regularization=self.regularization,
-                alpha=self.alpha,
-                iterations=self.iterations,
-                random_state=self.random_state,
-                num_threads=self.num_threads,
-            )
-            self._model.fit(x, show_progress=False)
-        self.n_items = x.shape[1]
-        return self
-
-
-class BPR(_FactorModel):
+class BPR(_ImplicitFactorModel):
     """Bayesian Personalised Ranking via ``implicit.cpu.bpr``.
 
     Only which items were played matters (positives), not counts. implicit appends a bias column,
     so ``item_factors`` has ``factors + 1`` columns and ``user_factors``' last column is 1.
     Reproducible only with ``num_threads=1`` (multi-threaded SGD is Hogwild).
     """
+
+    _own_params = ("learning_rate", "verify_negative_samples")
 
     def __init__(
         self,
@@ -329,36 +350,34 @@ class BPR(_FactorModel):
         num_threads: int = 1,
         verify_negative_samples: bool = True,
     ):
-        self.factors = int(factors)
+        super().__init__(factors, regularization, iterations, random_state, num_threads)
         self.learning_rate = float(learning_rate)
-        self.regularization = float(regularization)
-        self.iterations = int(iterations)
-        self.random_state = random_state
-        self.num_threads = int(num_threads)
         self.verify_negative_samples = bool(verify_negative_samples)
 
-    def fit(self, train, **side):
+    @staticmethod
+    def _estimator() -> type:
         from implicit.cpu.bpr import BayesianPersonalizedRanking
 
-        x = _as_csr(train)
-        with _blas_single_thread():
-            self._model = BayesianPersonalizedRanking(
-                factors=self.factors,
-                learning_rate=self.learning_rate,
-                regularization=self.regularization,
-                iterations=self.iterations,
-                random_state=self.random_state,
-                num_threads=self.num_threads,
-                verify_negative_samples=self.verify_negative_samples,
-            )
-            self._model.fit(x, show_progress=False)
-        self.n_items = x.shape[1]
-        return self
+        return BayesianPersonalizedRanking
 
 
 # --------------------------------------------------------------------------------------------
 # Content-based (work for items with no plays)
 # --------------------------------------------------------------------------------------------
+
+
+def _content_vectors(item_vectors: np.ndarray) -> np.ndarray:
+    """Item content vectors as a float64 ``(n_items, dim)`` matrix."""
+    v = np.asarray(item_vectors, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"item_vectors must be 2-D (n_items, dim), got shape {v.shape}")
+    return v
+
+
+def _check_items(x: sp.csr_matrix, vectors: np.ndarray) -> None:
+    """The interaction matrix's items are the rows of the content vectors."""
+    if x.shape[1] != vectors.shape[0]:
+        raise ValueError(f"train has {x.shape[1]} items but item_vectors has {vectors.shape[0]} rows")
 
 
 class ContentKNN(Recommender):
@@ -377,9 +396,7 @@ class ContentKNN(Recommender):
     """
 
     def __init__(self, item_vectors: np.ndarray, center: bool = False):
-        v = np.asarray(item_vectors, dtype=np.float64)
-        if v.ndim != 2:
-            raise ValueError(f"item_vectors must be 2-D (n_items, dim), got shape {v.shape}")
+        v = _content_vectors(item_vectors)
         self.item_vectors = v
         if center:
             present = np.abs(v).sum(axis=1) > 0
@@ -390,10 +407,7 @@ class ContentKNN(Recommender):
 
     def fit(self, train, **side):
         x = _as_csr(train)
-        if x.shape[1] != self._unit.shape[0]:
-            raise ValueError(
-                f"train has {x.shape[1]} items but item_vectors has {self._unit.shape[0]} rows"
-            )
+        _check_items(x, self._unit)
         self.n_items = x.shape[1]
         return self
 
@@ -426,9 +440,7 @@ class RidgeContentToCF(Recommender):
         fit_cf: bool = True,
         replace_warm: bool = False,
     ):
-        v = np.asarray(item_vectors, dtype=np.float64)
-        if v.ndim != 2:
-            raise ValueError(f"item_vectors must be 2-D (n_items, dim), got shape {v.shape}")
+        v = _content_vectors(item_vectors)
         self.item_vectors = v
         self.cf_model = ALS() if cf_model is None else cf_model
         self.alpha = float(alpha)
@@ -440,10 +452,7 @@ class RidgeContentToCF(Recommender):
         from sklearn.linear_model import Ridge
 
         x = _as_csr(train)
-        if x.shape[1] != self.item_vectors.shape[0]:
-            raise ValueError(
-                f"train has {x.shape[1]} items but item_vectors has {self.item_vectors.shape[0]} rows"
-            )
+        _check_items(x, self.item_vectors)
         if self.fit_cf:
             self.cf_model.fit(x)
         factors = np.asarray(self.cf_model.item_factors, dtype=np.float64)

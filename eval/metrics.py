@@ -465,13 +465,8 @@ def evaluate_ranking(
     test: sp.spmatrix,
     exclude: sp.csr_matrix | None = None,
     ks: Iterable[int] | int = (10, 20, 50),
-    candidates: np.ndarray | None = None,
-    is_tail: np.ndarray | None = None,
-    item_pop: np.ndarray | None = None,
-    n_pop_buckets: int = 5,
     mrr_k: int | None = None,
-    return_per_user: bool = False,
-    is_new: np.ndarray | None = None,
+    **options,
 ):
     """Rank the full catalogue (or ``candidates``) from ``scores`` and summarise.
 
@@ -484,12 +479,14 @@ def evaluate_ranking(
         keep the two disjoint when splitting.
     exclude: sparse mask of items not to recommend (training items), or None.
     ks: cut-offs.
+    mrr_k: MRR cut-off, default ``max(ks)``.
+    options (keyword-only, passed on to :func:`evaluate_topk` as they are):
     candidates: boolean ``(n_items,)`` restricting the ranking (cold-start protocol); coverage and
         Gini are then computed over candidates only.
     is_tail: boolean ``(n_items,)``; adds ``tail_share@k``.
     is_new: boolean ``(n_items,)``; adds ``new_share@k``.
     item_pop: training popularity per item; adds ``recall@k_pop{b}`` and ``n_relevant_pop{b}``.
-    mrr_k: MRR cut-off, default ``max(ks)``.
+    n_pop_buckets: how many popularity buckets (default 5).
     return_per_user: also return the per-user arrays (for :func:`bootstrap_ci`).
 
     Returns
@@ -501,19 +498,8 @@ def evaluate_ranking(
     """
     ks_n = _normalise_ks(ks)
     width = max(max(ks_n), max(ks_n) if mrr_k is None else int(mrr_k))
-    topk = topk_from_scores(scores, width, exclude=exclude, candidates=candidates)
-    return evaluate_topk(
-        topk,
-        test,
-        ks=ks_n,
-        candidates=candidates,
-        is_tail=is_tail,
-        item_pop=item_pop,
-        n_pop_buckets=n_pop_buckets,
-        mrr_k=mrr_k,
-        return_per_user=return_per_user,
-        is_new=is_new,
-    )
+    topk = topk_from_scores(scores, width, exclude=exclude, candidates=options.get("candidates"))
+    return evaluate_topk(topk, test, ks=ks_n, mrr_k=mrr_k, **options)
 
 
 # --------------------------------------------------------------------------------------------
