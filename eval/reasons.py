@@ -198,9 +198,9 @@ def generate_reasons(engine, features, requests: Sequence[tuple[Prompt, int | No
 
     Media rows come from the run's features in placeholder order (`llmrec.features.media_rows`). A prompt longer
     than `max_length` tokens gives None. Returns (texts, seconds spent generating)."""
+    from llmrec.features import media_rows
     from llmrec.model.mm_lm import MediaBatch
     from serve.engines.base import EngineInput
-    from llmrec.features import media_rows
 
     fits = [len(engine.model.prompt_token_ids(p.text)) <= max_length for p, _ in requests]
     todo = [i for i, ok in enumerate(fits) if ok]  # the others stay None
@@ -276,9 +276,9 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     held-out plays, checked against the ground truth; the model's greedy answers before the check
     ("model_greedy") and the plain evidence sentences ("evidence_sentence") on the same plays. Without a bundle
     the section says so ("skipped") and still carries the evidence-sentence reference."""
-    from llmrec.schema import load_song_attributes
     from llmrec.evidence import phrase
     from llmrec.perception import load_perceived
+    from llmrec.schema import load_song_attributes
     from llmrec.split import positive_plays
     from serve.reasons import ReasonWriter
 

@@ -47,7 +47,8 @@ from eval.vectors import align_vectors, load_llm_vectors, text_item_vectors
 from llmrec.config import Config
 from llmrec.io import MissingArtefactError, RunDir, atomic_write_json, atomic_write_text
 from llmrec.schema import Catalog, load_catalog
-from llmrec.split import Split, positive_plays as positives, split_catalog, tuning_split
+from llmrec.split import Split, split_catalog, tuning_split
+from llmrec.split import positive_plays as positives
 
 CF_MODELS = ("mostpop", "itemknn", "als", "bpr")  # "best CF" in the headline is the best of these per slice
 

@@ -4,6 +4,7 @@ and hybrid-tail's popularity penalty. The test part is never touched."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -88,9 +89,9 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
     _search("itemknn", ITEMKNN_GRID, lambda p: ItemKNN(**p), warm_score, tuned)
     for name, grid, factors, make in (("als", ALS_GRID_1, ALS_FACTORS, als_model),
                                       ("bpr", BPR_GRID_1, BPR_FACTORS, bpr_model)):
-        best = _search(name, grid, lambda p: make(p, seed), warm_score, tuned)
+        best = _search(name, grid, partial(make, seed=seed), warm_score, tuned)
         more = [{**best[0], "factors": f} for f in factors if f != best[0]["factors"]]
-        _search(name, more, lambda p: make(p, seed), warm_score, tuned, incumbent=best)
+        _search(name, more, partial(make, seed=seed), warm_score, tuned, incumbent=best)
 
     als = als_model(tuned.params["als"], seed).fit(d.train)
     def cold_score(model: Recommender) -> float:
@@ -113,7 +114,7 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
         # when mm2cf itself is scored with the CF tower (the history tower has no knob).
         if name == "llmrec" or tower == "cf":
             _search(name, [{"alpha": a} for a in RIDGE_ALPHAS],
-                    lambda p: llmrec_model(vectors, "cf", als, p["alpha"]), cold_score, tuned)
+                    lambda p, vectors=vectors: llmrec_model(vectors, "cf", als, p["alpha"]), cold_score, tuned)
         else:
             tuned.params[name] = dict(DEFAULTS["llmrec"])
         content = CachedScores(llmrec_model(vectors, tower, als, tuned.params[name]["alpha"], d.histories
@@ -123,11 +124,11 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
         # validation plays, warm candidates), then the cold offset by the one ranking of everything (all
         # validation plays, whole catalogue).
         weight, _ = _search(hybrid, [{"weight": w, "cold_offset": 0.0, "cf": cf_name} for w in BLEND_WEIGHTS],
-                            lambda p: Hybrid(cf, content, d.warm, p["weight"]),
+                            lambda p, content=content: Hybrid(cf, content, d.warm, p["weight"]),
                             lambda m: validation_recall(m.fit(d.train), d, warm_valid, candidates=d.warm), tuned,
                             log_name=f"{hybrid}-weight")
         _search(hybrid, [{**weight, "cold_offset": b} for b in COLD_OFFSETS],
-                lambda p: Hybrid(cf, content, d.warm, p["weight"], p["cold_offset"]),
+                lambda p, content=content: Hybrid(cf, content, d.warm, p["weight"], p["cold_offset"]),
                 lambda m: validation_recall(m.fit(d.train), d, d.test), tuned)
         if name == "llmrec":
             _tune_tail(tuned, d, als, cf, content, tail_ndcg_budget)

@@ -25,8 +25,8 @@ def align_vectors(song_ids: np.ndarray, ids: list[str] | np.ndarray, vectors: np
 
 
 def _read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
-    from safetensors.numpy import load_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file
 
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata() or {}

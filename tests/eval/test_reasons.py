@@ -63,13 +63,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from llmrec.schema import load_song_attributes  # noqa: E402
 from eval import reasons as rs  # noqa: E402
 from eval.report import positives, run_eval  # noqa: E402
 from llmrec.evidence import phrase  # noqa: E402
 from llmrec.io import open_run_dir  # noqa: E402
-from llmrec.split import split_catalog  # noqa: E402
 from llmrec.model.collate import MultimodalCollator  # noqa: E402
+from llmrec.schema import load_song_attributes  # noqa: E402
+from llmrec.split import split_catalog  # noqa: E402
 
 CONTRACT = {"faithfulness", "hallucination_rate", "claims_per_reason", "distinct_1", "distinct_2", "mean_words",
             "n", "latency_ms_per_reason", "samples", "no_claim_share", "titles_from_history", "evidence_sentence"}
