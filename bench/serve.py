@@ -5,7 +5,8 @@
 
 Without --run-dir it builds, in a temporary directory, the quick synthetic catalog with random media features and
 an untrained tiny bundle (`testkit.tiny_bundle`; `--hidden/--layers` make the backbone wider), builds the index
-once, then for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CLI + uvicorn path) and measures:
+once, then for each engine starts `python -m llmrec.cli serve` as a subprocess (the real CLI + uvicorn path) and
+measures:
   - embeddings: `POST /v1/embeddings` with one catalog song per request;
   - reasons: `POST /v1/explanations` with 1-5 history songs (prompt ~60-250 tokens) and an answer budget of
     8, 32 or 96 tokens (an untrained model rarely stops early, so answers use their budget);

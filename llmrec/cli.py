@@ -22,7 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.prepare", "run_prepare"),
     "features": ("data_prep.features", "run_features"),
     "train": ("train.stages", "run_train"),
-    "serve": ("serve.app", "run_serve"),
+    "serve": ("serve.cli", "run_serve"),
     "eval": ("eval.report", "run_eval"),
 }
 DEMO_ORDER = ["prepare", "features", "train", "eval", "serve"]

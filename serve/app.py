@@ -22,18 +22,13 @@ from llmrec.claims import ServedReason
 from llmrec.model.mm_lm import prompt_token_ids
 from llmrec.ranking import HISTORY_FOR_QUERY, history_query
 from serve.batching import Overloaded, RequestTimeout
-from serve.build_index import build_index
 from serve.errors import error
 from serve.inputs import RequestError
 from serve.metrics import read_server_counts
 from serve.middleware import BodyLimit, LoadShed, guard, route_label
 from serve.new_songs import add_songs, encode_new_song, parse_new_song, read_multipart
 from serve.requests import RequestModels, describe, request_models
-from serve.state import ServerState, load_state
-
-# `build_index` and `load_state` stay importable from here for callers outside serve/
-# (tests/llmrec/model/test_baichuan.py); `run_serve` moved to serve/cli.py (see `__getattr__`).
-__all__ = ["create_app", "ServerState", "load_state", "build_index"]
+from serve.state import ServerState
 
 
 def history_for(state: ServerState, body: BaseModel) -> tuple[list[str], str | None]:
@@ -220,13 +215,3 @@ def create_app(state: ServerState) -> FastAPI:
                        observe=lambda path, status: state.metrics.observe(route_label(path), status, 0.0))
     app.add_middleware(LoadShed, state=state)  # added last = runs first
     return app
-
-
-def __getattr__(name: str):
-    # `serve.app.run_serve` until llmrec/cli.py names `serve.cli`; imported here only when asked for (serve.cli
-    # imports the demo, which imports this module)
-    if name == "run_serve":
-        from serve.cli import run_serve
-
-        return run_serve
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

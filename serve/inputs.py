@@ -4,7 +4,7 @@ Prompts are built exactly as training built them (`llmrec.model.mm_lm.item_promp
 prompt for reasons) and every text field passes through `llmrec.text`'s sanitiser on the way (the builders call
 `sanitize_song`). Media rows for catalog songs come from the run's feature shards; an uploaded or referenced file
 is decoded with `llmrec.media.audio` / `llmrec.media.image` and encoded with the run's frozen encoders, exactly as
-`data_prep.extract` does for the catalogue. A bundle that fuses sentence-encoder features into its embedding head
+`data_prep.features` does for the catalogue. A bundle that fuses sentence-encoder features into its embedding head
 (`MMConfig.text_dim`) gets catalog songs' rows from `features/text.safetensors` and a new song's from the same
 encoder run on its (sanitised) text by `llmrec.text_features.song_text`, as `llmrec features` built them.
 """
@@ -24,13 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llmrec.config import Config
+from llmrec.features import media_rows, text_rows
 from llmrec.media.audio import MediaError, load_audio
 from llmrec.media.image import load_image
-from llmrec.config import Config
 from llmrec.model.mm_lm import MediaBatch, MMConfig, item_prompt
 from llmrec.text import Prompt, sanitize_text
 from serve.engines.base import EngineInput
-from llmrec.features import media_rows, text_rows
 
 SONG_TEXT_FIELDS = ("title", "artist", "album", "language", "release_date", "lyrics")
 SONG_LIST_FIELDS = ("genres", "tags", "comments")

@@ -82,7 +82,7 @@ class Engine(ABC):
         """Continuation of each prompt (greedy, or sampled where `sample_seed` is set), decoded without special
         tokens, stripped."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most engines hold nothing to release
         """Release processes/memory (vLLM spawns workers); safe to call twice."""
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.batching import (EMBED_PRIORITY, BatchedEngine, MicroBatcher, Overloaded, PriorityEngineThread,
-                            RequestTimeout)
+from serve.batching import EMBED_PRIORITY, BatchedEngine, MicroBatcher, Overloaded, PriorityEngineThread, RequestTimeout
 
 
 class Recorder:

