@@ -29,6 +29,7 @@ from __future__ import annotations
 import colorsys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -242,38 +243,53 @@ def _user_tastes(n_users: int, rng: np.random.Generator) -> dict[str, np.ndarray
             "tempo_class": peaked(len(TEMPO_CLASSES))}
 
 
-def _affinity(attrs: pd.DataFrame, tastes: dict[str, np.ndarray]) -> np.ndarray:
-    """log-preference of each user for each song: the sum over attributes of log p_user(attribute value)."""
+def _affinity(attrs: pd.DataFrame, tastes: dict[str, np.ndarray]) -> Callable[[int], np.ndarray]:
+    """User u -> their log-preference for each song (the sum over attributes of log p_user(attribute value)),
+    standardised over the songs. One row at a time: the full users x songs matrix of a 20k-user, 100k-song
+    catalogue would take 16 GB."""
     vocab = {"genre": GENRES, "mood": MOODS, "instrument": INSTRUMENTS, "tempo_class": list(TEMPO_CLASSES)}
-    total = 0.0
-    for name, values in vocab.items():
-        idx = attrs[name].map({v: i for i, v in enumerate(values)}).to_numpy()
-        total = total + np.log(tastes[name][:, idx] + 1e-3)
-    return total / len(vocab)
+    idx = {name: attrs[name].map({v: i for i, v in enumerate(values)}).to_numpy() for name, values in vocab.items()}
+
+    def row(u: int) -> np.ndarray:
+        total = 0.0
+        for name in vocab:
+            total = total + np.log(tastes[name][u, idx[name]] + 1e-3)
+        aff = total / len(vocab)
+        return (aff - aff.mean()) / (aff.std() + 1e-9)
+
+    return row
+
+
+# Events of one user are sampled this many song-rows at a time: each event's row (its released songs' cumulative
+# probabilities) is computed alone, so the chunking bounds memory without changing a single draw.
+_CHUNK_CELLS = 1 << 22
 
 
 def _listening_log(cfg: SyntheticConfig, attrs: pd.DataFrame, release: np.ndarray, start: np.datetime64,
-                   split_s: float, rng: np.random.Generator) -> pd.DataFrame:
+                   split_s: float, rng: np.random.Generator, progress: bool = False) -> pd.DataFrame:
     n_songs = len(attrs)
     tastes = _user_tastes(cfg.n_users, rng)
-    aff = _affinity(attrs, tastes)
-    aff = (aff - aff.mean(1, keepdims=True)) / (aff.std(1, keepdims=True) + 1e-9)
+    affinity = _affinity(attrs, tastes)
     log_pop = np.log(_zipf_weights(n_songs, cfg.popularity_exponent, rng))
     # New songs get a release-time boost so that the cold-start slice has plays in the test period.
     log_pop[attrs.is_new.to_numpy()] = np.quantile(log_pop, 0.8)
     total_s = cfg.days * 86400.0
+    chunk = max(1, _CHUNK_CELLS // n_songs)
     rows = []
-    for u in range(cfg.n_users):
+    for u in tqdm(range(cfg.n_users), desc="synthesising plays", unit="user", disable=not progress):
         n_ev = max(3, int(rng.lognormal(np.log(cfg.events_per_user), 0.5)))
         times = np.sort(rng.uniform(0, total_s, size=n_ev))
-        logits = cfg.taste_strength * aff[u] + log_pop
-        released = release[None, :] <= times[:, None]
-        z = np.where(released, logits[None, :], -np.inf)
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        cum = p.cumsum(1)
-        songs = (cum < rng.random((n_ev, 1))).sum(1).clip(max=n_songs - 1)
-        for t, s in zip(times, songs):
+        logits = cfg.taste_strength * affinity(u) + log_pop
+        draws = rng.random((n_ev, 1))
+        songs = []
+        for lo in range(0, n_ev, chunk):
+            released = release[None, :] <= times[lo:lo + chunk, None]
+            z = np.where(released, logits[None, :], -np.inf)
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            cum = p.cumsum(1)
+            songs.append((cum < draws[lo:lo + chunk]).sum(1).clip(max=n_songs - 1))
+        for t, s in zip(times, np.concatenate(songs)):
             rows.append((u, int(s), t))
     u_idx, s_idx, t_s = map(np.array, zip(*rows))
     like = rng.random(len(rows)) < 0.1
@@ -341,7 +357,7 @@ def generate_catalog(cfg: SyntheticConfig, out_dir: str | Path, seed: int = 0, p
             }
         )
     songs_df = pd.DataFrame(songs)
-    interactions = _listening_log(cfg, attrs, release, start, split_s, rng)
+    interactions = _listening_log(cfg, attrs, release, start, split_s, rng, progress)
     users = pd.DataFrame({"user_id": [f"u{u:05d}" for u in range(cfg.n_users)],
                           "country": rng.choice(COUNTRIES, size=cfg.n_users)})
     split_time = pd.Timestamp(start + np.timedelta64(int(split_s), "s"), tz="UTC")
