@@ -218,7 +218,7 @@ class EvalConfig:
     split: str = "temporal"
     valid_days: int = 0
     bootstrap: int = 1000
-    tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/report.py)
+    tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/tuning.py)
     # How `llmrec` scores a user against song embeddings (the other tower is reported too, as llmrec-<tower>):
     # `history` = the ranking `/v1/recommendations` serves (llmrec.ranking: cosine to the mean of the user's most
     # recent distinct plays, catalogue mean removed), so the report's headline is the served list's number;
@@ -227,7 +227,7 @@ class EvalConfig:
     user_tower: str = "history"
     # `hybrid-tail`: the hybrid tuned (popularity penalty + cold offset) for the most long-tail songs in its
     # validation top 20 while its NDCG@20 stays within this fraction of ALS's, one standard error on the safe side
-    # (eval/report.py `_tune_tail`).
+    # (eval/tuning.py `_tune_tail`).
     tail_ndcg_budget: float = 0.05
     # Reason quality (eval/reasons.py): held-out plays explained by the bundle and checked against the catalog;
     # 64 generate in ~2 s on CPU (16 were too few to tell two models apart); 0 turns generation off.

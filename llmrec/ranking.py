@@ -1,5 +1,5 @@
 """The served ranking, defined once: `/v1/recommendations` (serve/app.py) and the report's `llmrec` with
-`eval.user_tower: history` (eval/report.py `ServedRanking`) both call these functions, so the number the report
+`eval.user_tower: history` (eval/served.py `ServedRanking`) both call these functions, so the number the report
 prints is the number of the list the endpoint returns.
 
 A listener is the mean of the unit embeddings of their most recent distinct plays (at most `HISTORY_FOR_QUERY`,

@@ -200,7 +200,7 @@ def tuning_split(split: Split, seed: int) -> Split:
     """The validation data of a split: an item hold-out of its training part (train + valid, positives only).
 
     10% of the songs are held out entirely (so the cold-start knobs can be tuned), plus 20% of each user's other
-    plays. `eval.report.tune` chooses every hyperparameter on it, then the final models are fitted on the whole
+    plays. `eval.tuning.tune` chooses every hyperparameter on it, then the final models are fitted on the whole
     training part. `data_prep.examples` builds llmrec's training examples from its `train` part (unless
     `examples.hold_out_tuning_plays` is false), so llmrec, like the CF models being tuned, has not seen the
     validation plays. Deterministic for (split, seed): data_prep and eval get the same hold-out from the config's

@@ -8,7 +8,7 @@ The faiss index holds the embeddings with that mean removed and re-normalised, a
 so a search ranks by cosine in the centred space. Learned embedding spaces are anisotropic — every song shares one
 large direction, all raw cosines sit near 1 and a user's top songs scored 0.98 alike — and removing the mean is the
 standard fix (Mu & Viswanath 2018, "All-but-the-Top"); offline it raised cold-start recall@20 of history pooling
-from 0.54 to 0.60-0.64 (`eval/report.py`, ContentKNN(center=True)). The mean is frozen at build time, so songs added
+from 0.54 to 0.60-0.64 (`eval/baselines.py`, ContentKNN(center=True)). The mean is frozen at build time, so songs added
 later are centred with the same vector and scores stay comparable.
 
 An index built from another bundle would answer with vectors from a different space, silently: `load_index` refuses

@@ -1,11 +1,14 @@
 """Splits of the interaction log (llmrec.split), shared by data_prep and eval."""
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pandas as pd
 import pytest
 
 from llmrec.schema import load_song_attributes, split_time
-from llmrec.split import Split, leave_last_out, split_catalog, temporal_split, tuning_split
+from llmrec.split import Split, item_holdout_split, leave_last_out, split_catalog, temporal_split, tuning_split
 
 
 def log(rows):
@@ -112,3 +115,49 @@ def test_tuning_split_holds_out_songs_and_plays_of_the_training_part_only():
     again = tuning_split(sp, seed=0)
     assert keys(again.test) == keys(inner.test) and again.cold_songs == inner.cold_songs
     assert tuning_split(sp, seed=1).cold_songs != inner.cold_songs
+
+
+def toy_log(n_users=50, n_songs=40, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = {(f"u{u}", f"s{s}") for u in range(n_users) for s in rng.choice(n_songs, size=8, replace=False)}
+    users, songs = zip(*sorted(rows))
+    return pd.DataFrame({"user_id": users, "song_id": songs, "timestamp": pd.Timestamp("2011-01-01", tz="UTC")})
+
+
+def test_item_holdout_holds_items_out_entirely_and_keeps_user_profiles():
+    log = toy_log()
+    s = item_holdout_split(log, cold_fraction=0.25, test_fraction=0.2, seed=3)
+    assert s.kind == "item_holdout" and s.split_time is None and len(s.valid) == 0
+    assert len(s.train) + len(s.test) == len(log)
+    assert not set(s.train.song_id) & s.cold_songs  # cold songs have no train plays at all
+    assert (s.test.song_id.isin(s.cold_songs)).sum() == log.song_id.isin(s.cold_songs).sum()
+    assert len(s.cold_songs) == round(0.25 * log.song_id.nunique())
+    # Every other song keeps at least one train play, so the cold set is exactly the held-out songs.
+    assert s.warm_songs == set(log.song_id) - s.cold_songs
+    warm_test = s.test[~s.test.song_id.isin(s.cold_songs)]
+    assert 0.1 < len(warm_test) / (len(warm_test) + len(s.train)) < 0.3
+    pairs = set(zip(s.train.user_id, s.train.song_id))
+    assert not pairs & set(zip(s.test.user_id, s.test.song_id))
+    # Deterministic for a seed, different for another.
+    again = item_holdout_split(log, cold_fraction=0.25, test_fraction=0.2, seed=3)
+    assert again.cold_songs == s.cold_songs and again.test.equals(s.test)
+    assert item_holdout_split(log, cold_fraction=0.25, seed=4).cold_songs != s.cold_songs
+
+
+def test_item_holdout_never_holds_out_single_listener_songs_or_empties_a_user():
+    log = pd.concat([toy_log(), pd.DataFrame({"user_id": ["u0", "lonely"], "song_id": ["rare", "s1"],
+                                              "timestamp": pd.Timestamp("2011-01-01", tz="UTC")})])
+    s = item_holdout_split(log, cold_fraction=0.5, test_fraction=0.5, seed=0)
+    assert "rare" not in s.cold_songs
+    # "lonely" has one interaction: at most all but one goes to test, so it stays in train unless its song is cold.
+    if "s1" not in s.cold_songs:
+        assert "lonely" in set(s.train.user_id)
+
+
+def test_split_catalog_uses_item_holdout_for_catalogs_without_a_time_axis(synthetic_catalog):
+    cat = copy.copy(synthetic_catalog)
+    cat.meta = {**synthetic_catalog.meta, "time_axis": False, "split_time": None}
+    assert split_catalog(cat, "temporal").kind == "item_holdout"
+    assert split_catalog(synthetic_catalog, "item_holdout").kind == "item_holdout"
+    with pytest.raises(ValueError, match="item_holdout"):
+        split_catalog(synthetic_catalog, "nope")
