@@ -303,17 +303,19 @@ def encode_text_chunk(texts: list[str], encoder: str) -> np.ndarray:
     return encode_texts(texts, encoder)
 
 
-def encode_texts_on_ray(texts: list[str], encoder: str, workers: int, chunk_size: int = 1024,
+def encode_texts_on_ray(texts: list[str], encoder: str, workers: int, chunk_size: int | None = None,
                         progress: bool = True) -> np.ndarray:
     """`encode_texts` over Ray tasks of `chunk_size` texts, rows in input order, with a progress bar (and ETA)
-    per finished chunk. Only for `minilm`: TF-IDF fits one vocabulary over the whole corpus, so it stays in one
-    process."""
+    per finished chunk. By default chunks are at most 1024 texts and at least 4 per worker, so that a small
+    catalogue still spreads over every worker. Only for `minilm`: TF-IDF fits one vocabulary over the whole
+    corpus, so it stays in one process."""
     if encoder != "minilm":
         raise ValueError(f"text features on Ray need features.text_encoder=minilm, not {encoder!r} (TF-IDF is fitted "
                          "on the whole corpus at once)")
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    chunks = [texts[i:i + chunk_size] for i in range(0, len(texts), chunk_size)]
+    size = chunk_size or max(1, min(1024, -(-len(texts) // (4 * workers))))
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
     out: list[np.ndarray | None] = [None] * len(chunks)
     with ray_session(workers) as ray, tqdm(total=len(texts), unit="text", desc="text features (ray)",
                                            disable=not progress) as bar:
