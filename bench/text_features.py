@@ -7,8 +7,10 @@ lyrics + comments), encoded with all-MiniLM-L6-v2. Per round, each in a fresh pr
 warm model or a running Ray:
   1. one worker alone: one process, one torch thread, pinned to one core, on N / W texts (the unit of the ideal);
   2. Ray: `data_prep.feature_workers.encode_texts_on_ray` with W local workers on N texts (what
-     `llmrec features --set features.engine=ray` runs), timed from the first task to the last result, so Ray's
-     own start-up is reported apart (`ray_start_s`);
+     `llmrec features --set features.engine=ray` runs), twice in one Ray session: the second pass is the rate
+     (warm workers, as over most of a large catalogue; the one-worker and one-process modes also load the model
+     outside their timing); the first pass, where worker processes start and load the model, is reported as
+     `ray_cold_rate`, and `ray.init` apart as `ray_start_s`;
   3. one process, torch threads = W, on N texts (intra-op parallelism: the fair one-machine baseline).
 The ideal rate is W x (1); the issue's targets are Ray >= 0.9 of the ideal and Ray >= (3). Rounds interleave the
 modes and the ratios are taken within each round (their median is reported): on a shared host, back-to-back single
@@ -47,15 +49,19 @@ if mode == "ray":
     start = time.perf_counter() - t0
     t0 = time.perf_counter()
     vecs = encode_texts_on_ray(texts, "minilm", workers=workers, progress=False)
-    seconds = time.perf_counter() - t0
+    cold = time.perf_counter() - t0  # worker processes started and the model loaded inside this span
+    t0 = time.perf_counter()
+    vecs = encode_texts_on_ray(texts, "minilm", workers=workers, progress=False)
+    seconds = time.perf_counter() - t0  # the same workers again: steady state, as over most of a large catalogue
     ray.shutdown()
 else:
     minilm()  # model loading is not part of the rate (Ray's workers load it inside the timed span: conservative)
-    start = 0.0
+    start = cold = 0.0
     t0 = time.perf_counter()
     vecs = encode_texts(texts, "minilm")
     seconds = time.perf_counter() - t0
-print(json.dumps({"texts": len(texts), "seconds": seconds, "start_s": start, "rows": int(vecs.shape[0])}))
+print(json.dumps({"texts": len(texts), "seconds": seconds, "start_s": start, "cold_s": cold,
+                  "rows": int(vecs.shape[0])}))
 """
 
 
@@ -70,9 +76,9 @@ def corpus(n: int, seed: int) -> list[str]:
     songs = max(40, n - n // 8)
     cfg = load_config(preset="tiny", overrides=[f"synthetic.n_songs={songs}", f"synthetic.n_new_songs={n - songs}",
                                                 "synthetic.n_users=50", "synthetic.events_per_user=5",
-                                                "synthetic.audio=false", "synthetic.covers=false", f"seed={seed}"])
+                                                "synthetic.media=false", f"seed={seed}"])
     with tempfile.TemporaryDirectory() as tmp:
-        catalog = generate_catalog(cfg, Path(tmp))
+        catalog = generate_catalog(cfg.synthetic, Path(tmp), seed=cfg.seed, progress=False)
         return [song_text(row) for row in catalog.songs.itertuples(index=False)][:n]
 
 
@@ -103,6 +109,7 @@ def main() -> None:
             ideal = args.workers * res["one_worker"]["rate"]
             rounds.append({**{f"{m}_rate": round(v["rate"], 2) for m, v in res.items()},
                            "ray_start_s": round(res["ray"]["start_s"], 2),
+                           "ray_cold_rate": round(res["ray"]["texts"] / res["ray"]["cold_s"], 2),
                            "ray_vs_ideal": round(res["ray"]["rate"] / ideal, 3),
                            "ray_vs_one_process": round(res["ray"]["rate"] / res["one_process"]["rate"], 3)})
             print(f"round {r + 1}: {rounds[-1]}", flush=True)
@@ -115,6 +122,7 @@ def main() -> None:
     print(f"{'ideal = workers x one worker':42s} {args.workers * med['one_worker_rate']:8.1f}")
     print(f"{'Ray, ' + str(args.workers) + ' local workers':42s} {med['ray_rate']:8.1f}   "
           f"{med['ray_vs_ideal']:.3f} of ideal (target >= 0.9); Ray start {med['ray_start_s']:.1f} s")
+    print(f"{'  its first pass (workers start, load MiniLM)':42s} {med['ray_cold_rate']:8.1f}")
     print(f"{'one process, ' + str(args.workers) + ' torch threads':42s} {med['one_process_rate']:8.1f}   "
           f"Ray / one process {med['ray_vs_one_process']:.3f} (target >= 1.0)")
     print(json.dumps({"bench": "text_features", "texts": len(texts), "workers": args.workers, "rounds": rounds,
