@@ -97,6 +97,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     report = {
         "dataset": catalog.meta.get("dataset") or catalog.meta.get("source") or "unknown",
         "item_kind": catalog.meta.get("item_kind", "song"),
+        "subset": catalog.meta.get("subset"),  # catalog.max_songs: the real catalogue was cut (data_prep/adapters)
         "split": split_summary(split, data, cfg),
         "ks": ks,
         "models": list(models),
@@ -145,6 +146,11 @@ def tuning_holdout_notes(run: RunDir, cfg: Config) -> list[str]:
 
 def dataset_notes(catalog: Catalog, cfg: Config, split: Split) -> list[str]:
     notes = []
+    subset = catalog.meta.get("subset")
+    if subset:
+        notes.append(f"Catalogue cut to its {subset['songs'][1]:,} most-listened of {subset['songs'][0]:,} items "
+                     f"(catalog.max_songs): {subset['users'][1]:,} of {subset['users'][0]:,} users, "
+                     f"{subset['interactions'][1]:,} of {subset['interactions'][0]:,} user-item pairs.")
     if catalog.meta.get("item_kind") == "artist":
         notes.append("Items are ARTISTS, not songs (lastfm-2k): 'songs' in this report are artists, and every "
                      "content model sees text only (artist name + user tags; no audio, cover or lyrics).")

@@ -6,6 +6,8 @@
 * `table` — CSV/TSV/Parquet/JSONL files in `catalog.path` with an optional `catalog.column_map` (table.py);
 * `lastfm` — hetrec2011-lastfm-2k, items are artists (lastfm.py);
 * `nowplaying` — nowplaying-rs2020, songs with titles and artists only, no timestamps (nowplaying.py).
+
+A real source may be cut to its `catalog.max_songs` most-listened songs (subset.py).
 """
 from __future__ import annotations
 
@@ -18,6 +20,15 @@ SOURCES = ("synthetic", "table", "lastfm", "nowplaying")
 
 
 def load_source(cfg: Config) -> Catalog:
+    catalog = _load_whole_source(cfg)
+    if cfg.catalog.source == "synthetic" or not cfg.catalog.max_songs:
+        return catalog  # the generator has its own size settings (synthetic.n_songs)
+    from data_prep.adapters.subset import most_listened
+
+    return most_listened(catalog, cfg.catalog.max_songs)
+
+
+def _load_whole_source(cfg: Config) -> Catalog:
     source = cfg.catalog.source
     if source == "table":
         from data_prep.adapters.table import load_table_catalog

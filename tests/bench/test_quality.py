@@ -1,5 +1,6 @@
 """bench/quality.py's target check: the values it reads, the bars, and by how much a miss falls short."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,21 @@ def test_the_markdown_says_how_many_new_items_reach_the_top_20():
     assert "hybrid 0.173" in line and "als" not in line  # models that show no new item are left out
     assert quality.new_items_markdown({"all": {"empty": True}}) == []
     assert quality.new_items_markdown({"all": {"models": {"als": {"new_share@20": 0.0}}}}) == []
+
+
+def test_rerunning_one_dataset_keeps_the_other_sections(tmp_path):
+    def result(name: str, when: str) -> dict:
+        return {"datasets": {name: {"command": f"python bench/quality.py --dataset {name}", "generated": when,
+                                    "seconds": 60.0, "item_kind": "song", "split": "temporal", "llmrec_trained": True,
+                                    "slices": {}, "subset": {"songs": [15753, 3000], "users": [18310, 17779],
+                                                             "interactions": [333550, 162699]}}}}
+
+    md = tmp_path / "quality.md"
+    quality.write_markdown(md, result("nowplaying", "day 1"))
+    quality.write_markdown(md, result("synthetic", "day 2"))
+    quality.write_markdown(md, result("nowplaying", "day 3"))
+    text = md.read_text()
+    assert text.index("## synthetic") < text.index("## nowplaying")  # the datasets' fixed order
+    assert "--dataset synthetic`; generated day 2" in text and "--dataset nowplaying`; generated day 3" in text
+    assert "day 1" not in text and "3,000 most-listened of 15,753" in text
+    assert set(json.loads(md.with_suffix(".json").read_text())["datasets"]) == {"synthetic", "nowplaying"}

@@ -163,6 +163,34 @@ def test_nowplaying_maps_songs_and_sums_repeated_events(tmp_path):
     assert split_catalog(cat).kind == "item_holdout"  # no time axis: songs and plays are held out at random
 
 
+def test_max_songs_keeps_the_most_listened_songs_their_plays_and_listeners(tmp_path):
+    root = write_nowplaying(tmp_path / "np")
+    with (root / "inter.csv").open("a") as f:
+        f.write("9,2\n")  # t2 now has two listeners (u8, u9), t1 one (u7)
+    cfg = load_config(overrides=["catalog.source=nowplaying", f"catalog.path={root}", "catalog.max_songs=2"])
+    run = open_run_dir(tmp_path / "run")
+    build_catalog(cfg, run, progress=False)
+    cat = load_catalog(run.catalog)
+    assert sorted(cat.songs["song_id"]) == ["t0", "t2"]
+    assert set(cat.interactions["song_id"]) == {"t0", "t2"} and len(cat.interactions) == 4  # u7-t0, u8-t0/t2, u9-t2
+    assert sorted(cat.users["user_id"]) == ["u7", "u8", "u9"]  # u7 keeps t0; nobody is left without plays
+    subset = json.loads((run.catalog / "meta.json").read_text())["subset"]
+    assert subset["songs"] == [3, 2] and subset["interactions"] == [5, 4]
+
+
+def test_max_songs_drops_a_listener_left_without_plays_and_breaks_ties_by_id(tmp_path):
+    root = write_nowplaying(tmp_path / "np")  # t0: u7, u8; t1: u7; t2: u8
+    with (root / "inter.csv").open("a") as f:
+        f.write("9,1\n")  # u9 plays t1 only
+    one = load_source(load_config(overrides=["catalog.source=nowplaying", f"catalog.path={root}",
+                                             "catalog.max_songs=1"]))
+    assert list(one.songs["song_id"]) == ["t0"] and "u9" not in set(one.users["user_id"])
+    root2 = write_nowplaying(tmp_path / "np2")
+    tie = load_source(load_config(overrides=["catalog.source=nowplaying", f"catalog.path={root2}",
+                                             "catalog.max_songs=2"]))
+    assert sorted(tie.songs["song_id"]) == ["t0", "t1"]  # t1 and t2 have one listener each: the smaller id stays
+
+
 def test_nowplaying_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SchemaError, match="LLMREC_NOWPLAYING_DIR"):
         load_source(load_config(overrides=["catalog.source=nowplaying", f"catalog.path={tmp_path}"]))
