@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from data_prep.feature_workers import (
     WorkerSpec,
     encode_texts_on_ray,
     quiet_hf_progress,
+    ray_session,
     run_in_process,
     run_pool,
     run_ray,
@@ -120,7 +122,8 @@ def _text_encoder(cfg: Config, progress: bool):
     f = cfg.features
     if f.engine != "ray" or f.text_encoder != "minilm":
         return None
-    return partial(encode_texts_on_ray, encoder=f.text_encoder, workers=resolve_workers(f.workers), progress=progress)
+    # One progress bar: build_text_features' own, over the whole catalogue (its parts are Ray jobs of their own).
+    return partial(encode_texts_on_ray, encoder=f.text_encoder, workers=resolve_workers(f.workers), progress=False)
 
 
 def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: bool = True) -> dict:
@@ -143,7 +146,11 @@ def extract_features(cfg: Config, catalog: Catalog, out_dir: Path, progress: boo
     # Rank 0 writes the text features for the whole catalogue; before the media, while the fork server imports.
     text = None
     if f.shard_index == 0:
-        text = build_text_features(catalog, cfg, out_dir, progress, encode=_text_encoder(cfg, progress))
+        encode = _text_encoder(cfg, progress)
+        # One Ray instance for every part of the text features (ray_session is re-entrant): its workers keep
+        # MiniLM loaded from one part to the next.
+        with ray_session(resolve_workers(f.workers)) if encode is not None else nullcontext():
+            text = build_text_features(catalog, cfg, out_dir, progress, encode=encode)
     _clean_stale_temp_files(todo)
     spec = WorkerSpec(cfg.model, str(out_dir / "encoders"), cfg.seed, fhash, f.max_audio_seconds,
                       f.min_audio_seconds, f.max_image_pixels)

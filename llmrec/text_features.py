@@ -9,12 +9,15 @@ import functools
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from llmrec.config import Config
 from llmrec.features import read_shard_metadata
@@ -83,25 +86,78 @@ def encode_texts(texts: list[str], encoder: str, seed: int = 0, progress: bool =
     raise ValueError(f"features.text_encoder {encoder!r}: choose 'minilm' or 'tfidf'")
 
 
+# Texts per saved part of a run in progress: a killed `features` run loses at most one part (about a minute of
+# MiniLM on 2 CPU cores), and a part is big enough that Ray spreads it over its workers in chunks of <= 1024.
+TEXT_PART = 8192
+
+
 def build_text_features(catalog: Catalog, cfg: Config, out_dir: Path, progress: bool = True,
-                        encode: Callable[[list[str]], np.ndarray] | None = None) -> dict:
+                        encode: Callable[[list[str]], np.ndarray] | None = None, part_size: int = TEXT_PART) -> dict:
     """`text.safetensors`; skipped when the file already holds these texts encoded with this encoder. `encode`
     replaces the in-process `encode_texts` (the features stage passes its Ray workers' encoder for
-    `features.engine=ray`); it must give the same encoder's vectors."""
+    `features.engine=ray`); it must give the same encoder's vectors.
+
+    The sentence encoder runs over parts of `part_size` texts, each saved as it finishes
+    (`text.parts/<hash>/<first row>.safetensors`), with one progress bar and ETA over the whole catalogue: a run
+    that is killed resumes at the first missing part, and parts of another catalogue or encoder are never reused
+    (the directory is named by the texts' hash). TF-IDF is fitted on the whole corpus, so it is one part."""
     songs = catalog.songs.sort_values("song_id")
     texts = [song_text(row) for row in songs.itertuples(index=False)]
     ids = list(songs.song_id)
     text_hash = hashlib.sha256(json.dumps([cfg.features.text_encoder, ids, texts]).encode()).hexdigest()
     path = out_dir / "text.safetensors"
     meta = read_shard_metadata(path) if path.is_file() else None
+    resumed = 0
     if not meta or meta.get("text_hash") != text_hash:
-        vecs = (encode(texts) if encode is not None
-                else encode_texts(texts, cfg.features.text_encoder, seed=cfg.seed, progress=progress))
+        if encode is None:
+            encode = functools.partial(encode_texts, encoder=cfg.features.text_encoder, seed=cfg.seed)
+        step = part_size if cfg.features.text_encoder == "minilm" else max(1, len(texts))
+        vecs, resumed = _encode_in_parts(texts, encode, out_dir / "text.parts", text_hash, step, progress)
         with atomic_path(path) as tmp:
             save_file({"text": torch.from_numpy(vecs)}, str(tmp), metadata={
                 "song_ids": json.dumps(ids), "encoder": cfg.features.text_encoder, "text_hash": text_hash})
-        status = "computed"
+        shutil.rmtree(out_dir / "text.parts", ignore_errors=True)  # the finished file holds every part
+        status = "computed" + (f" ({resumed} texts reused from a stopped run)" if resumed else "")
     else:
         status = "up to date, reused"
     return {"path": path.name, "encoder": cfg.features.text_encoder, "songs": len(ids), "sha256": file_sha256(path),
             "text_hash": text_hash, "status": status}
+
+
+def _encode_in_parts(texts: list[str], encode: Callable[[list[str]], np.ndarray], parts_root: Path, text_hash: str,
+                     part_size: int, progress: bool) -> tuple[np.ndarray, int]:
+    """Every text's vector, rows in order, and how many were read back from parts a stopped run had saved."""
+    parts_dir = parts_root / text_hash[:16]
+    if parts_root.is_dir():  # parts of other texts or another encoder can never be finished: free their disk
+        for stale in parts_root.iterdir():
+            if stale != parts_dir:
+                shutil.rmtree(stale, ignore_errors=True)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    out: list[np.ndarray] = []
+    resumed = 0
+    with tqdm(total=len(texts), unit="text", desc="text features", disable=not progress) as bar:
+        for start in range(0, len(texts), part_size):
+            chunk = texts[start:start + part_size]
+            part = parts_dir / f"{start:010d}.safetensors"
+            vecs = _read_part(part, len(chunk))
+            if vecs is None:
+                vecs = np.asarray(encode(chunk), dtype=np.float32)
+                with atomic_path(part) as tmp:
+                    save_file({"text": torch.from_numpy(vecs)}, str(tmp))
+            else:
+                resumed += len(chunk)
+            out.append(vecs)
+            bar.update(len(chunk))
+    return (np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)), resumed
+
+
+def _read_part(path: Path, rows: int) -> np.ndarray | None:
+    """A saved part's vectors, or None when it is absent or unreadable (then it is simply encoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            vecs = f.get_tensor("text").numpy()
+    except Exception:  # a damaged part (a disk full mid-write) costs one re-encode, never the run
+        return None
+    return vecs if vecs.shape[0] == rows else None
