@@ -39,9 +39,10 @@ from train.stages import run_train  # noqa: E402
 DATASETS = ("synthetic", "lastfm", "nowplaying")
 METRICS = ("recall@20", "ndcg@20", "tail_share@20", "new_share@20")
 ABLATION_MODELS = ("llmrec-text", "llmrec-text+audio", "llmrec-text+cover", "llmrec")
-# llmrec/mm2cf and hybrid/mm2cf-hybrid: what the LLM adds over exactly the features it is given (eval/rawfeatures.py)
+# llmrec/mm2cf and hybrid/mm2cf-hybrid: what the LLM adds over exactly the features it is given (eval/rawfeatures.py);
+# llmrec-cf/mm2cf-cf the same under the CF user tower (not served)
 RATIOS = (("llmrec", "best_cf"), ("hybrid", "best_cf"), ("llmrec", "text"), ("llmrec", "text2cf"),
-          ("llmrec", "mm2cf"), ("hybrid", "mm2cf-hybrid"))
+          ("llmrec", "mm2cf"), ("hybrid", "mm2cf-hybrid"), ("llmrec-cf", "mm2cf-cf"))
 
 
 def dataset_config(name: str, quick: bool, overrides: list[str] = (), preset: str = "small") -> Config:
@@ -253,17 +254,17 @@ def results_markdown(result: dict) -> str:
                 + (f" {subset_sentence(d['subset'])}" if d.get("subset") else ""), "",
                 "| slice | best CF | best CF recall | text | text2cf | mm2cf | llmrec | mm2cf-hybrid | hybrid | "
                 "llmrec/best CF | hybrid/best CF | llmrec/text | llmrec/text2cf | llmrec/mm2cf | "
-                "hybrid/mm2cf-hybrid |", "|---|---|" + "---:|" * 13]
+                "hybrid/mm2cf-hybrid | llmrec-cf/mm2cf-cf |", "|---|---|" + "---:|" * 14]
         for slice_name, s in d["slices"].items():
             if s.get("empty"):
-                out.append(f"| {slice_name} | (empty slice) |" + " |" * 13)
+                out.append(f"| {slice_name} | (empty slice) |" + " |" * 14)
                 continue
             rec = {m: v["recall@20"] for m, v in s["models"].items()}
             cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
             out.append(f"| {slice_name} | {s['best_cf']} | {cell(rec.get(s['best_cf']))} | {cell(rec.get('text'))} | "
                        f"{cell(rec.get('text2cf'))} | {cell(rec.get('mm2cf'))} | {cell(rec.get('llmrec'))} | "
                        f"{cell(rec.get('mm2cf-hybrid'))} | {cell(rec.get('hybrid'))} | "
-                       + " | ".join(cell(v) for v in s["ratios"].values()) + " |")
+                       + " | ".join(cell(s["ratios"].get(f"{a}/{b}")) for a, b in RATIOS) + " |")
         if d.get("targets"):
             out += ["", "Targets (the real-weights issue's; short by = how far below the bar, as a share of it):", "",
                     "| target | measured | required | met |", "|---|---:|---:|---|"]

@@ -51,8 +51,8 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
     """Every model, fitted on the training part. `llm` maps a model name (`llmrec`, `llmrec-<variant>`) to its
     aligned song vectors; empty before training. `llmrec` and its modality variants use `user_tower`; the full
     embeddings are also scored with the other tower, as `llmrec-<other tower>`. `raw` (the features llmrec is
-    given, without the LLM: `eval.rawfeatures`) becomes `mm2cf`, scored exactly like `llmrec`, and
-    `mm2cf-hybrid`, blended exactly like `hybrid`."""
+    given, without the LLM: `eval.rawfeatures`) becomes `mm2cf`, scored exactly like `llmrec` (and `mm2cf-<other
+    tower>` like `llmrec-<other tower>`), and `mm2cf-hybrid`, blended exactly like `hybrid`."""
     x = data.train
     models: dict[str, Recommender] = {
         "random": RandomRec(seed=seed).fit(x),
@@ -72,8 +72,12 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
             if other != user_tower:
                 models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha, hist).fit(x)
     if raw is not None:
-        models["mm2cf"] = llmrec_model(raw, user_tower, models["als"],
-                                       params.get("mm2cf", DEFAULTS["llmrec"])["alpha"], hist).fit(x)
+        raw_alpha = params.get("mm2cf", DEFAULTS["llmrec"])["alpha"]
+        models["mm2cf"] = llmrec_model(raw, user_tower, models["als"], raw_alpha, hist).fit(x)
+        # the no-LLM bar under the other tower too, so that `llmrec-cf` has its own bar (`mm2cf-cf`)
+        for other in USER_TOWERS:
+            if other != user_tower:
+                models[f"mm2cf-{other}"] = llmrec_model(raw, other, models["als"], raw_alpha, hist).fit(x)
     for name, content in (("hybrid", "llmrec"), ("hybrid-tail", "llmrec"), ("mm2cf-hybrid", "mm2cf")):
         if content in models and name in params:
             blend = params[name]

@@ -110,13 +110,10 @@ def tune(catalog: Catalog, inner: Split, text: np.ndarray, llm: np.ndarray | Non
     for name, vectors, tower in (("llmrec", llm, user_tower), ("mm2cf", raw, user_tower)):
         if vectors is None:
             continue
-        # The ridge strength of the CF tower: llmrec's is used by `llmrec-cf` whatever the tower; mm2cf's only
-        # when mm2cf itself is scored with the CF tower (the history tower has no knob).
-        if name == "llmrec" or tower == "cf":
-            _search(name, [{"alpha": a} for a in RIDGE_ALPHAS],
-                    lambda p, vectors=vectors: llmrec_model(vectors, "cf", als, p["alpha"]), cold_score, tuned)
-        else:
-            tuned.params[name] = dict(DEFAULTS["llmrec"])
+        # The ridge strength of the CF tower, whatever the tower: `llmrec-cf` and `mm2cf-cf` use it when the
+        # history tower is the headline (which has no knob of its own).
+        _search(name, [{"alpha": a} for a in RIDGE_ALPHAS],
+                lambda p, vectors=vectors: llmrec_model(vectors, "cf", als, p["alpha"]), cold_score, tuned)
         content = CachedScores(llmrec_model(vectors, tower, als, tuned.params[name]["alpha"], d.histories
                                             ).fit(d.train), users, d.train)
         hybrid = HYBRID_OF[name]

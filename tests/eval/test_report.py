@@ -21,7 +21,8 @@ from llmrec.schema import Catalog, load_song_attributes, save_catalog
 from llmrec.split import split_catalog, tuning_split
 
 QUIET = argparse.Namespace(no_progress=True)
-CF_AND_CONTENT = ["random", "mostpop", "itemknn", "als", "bpr", "text", "text2cf", "mm2cf", "mm2cf-hybrid"]
+CF_AND_CONTENT = ["random", "mostpop", "itemknn", "als", "bpr", "text", "text2cf", "mm2cf", "mm2cf-cf",
+                  "mm2cf-hybrid"]
 
 
 def one_hot_vectors(songs: pd.DataFrame, attrs: pd.DataFrame, columns: list[str], noise: float, seed: int
@@ -148,6 +149,9 @@ def test_trained_embeddings_add_llmrec_and_hybrid(tmp_path, synthetic_catalog, e
     assert "llmrec - text" in report["headline"]["cold"]["differences"]
     assert "llmrec" in report["hyperparameters"]  # the CF tower's ridge strength is tuned like text2cf's
     assert cold["llmrec-cf"]["recall@20"] > cold["random"]["recall@20"]  # the other user tower, reported
+    # ... with its own no-LLM bar, whose ridge strength is searched on the same grid as llmrec's
+    assert cold["mm2cf-cf"]["recall@20"] > cold["random"]["recall@20"]
+    assert [r["alpha"] for r in grid["mm2cf"]] == [r["alpha"] for r in grid["llmrec"]]
     assert any(n.startswith("served ranking: `llmrec` is the list") for n in report["notes"])
     # the no-LLM bar is tuned exactly like llmrec and its hybrid, and the headline says what the LLM adds over it
     mm = report["hyperparameters"]["mm2cf-hybrid"]

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from eval import tuning
-from eval.models import DEFAULTS
 from llmrec.split import split_catalog, tuning_split
 
 
@@ -19,12 +18,13 @@ def test_paired_relative_change_against_hand_computed_values():
         tuning.paired_relative_change([0.1, 0.2], [0.1])
 
 
-def test_mm2cf_ridge_strength_is_searched_only_when_its_tower_uses_it(synthetic_catalog, eval_cfg):
+def test_mm2cf_ridge_strength_is_searched_under_either_tower(synthetic_catalog, eval_cfg):
+    # under the history tower it is `mm2cf-cf`'s (the bar of `llmrec-cf`); under the CF tower mm2cf's own
     split = split_catalog(synthetic_catalog, eval_cfg.eval.split, eval_cfg.eval.valid_days)
     inner = tuning_split(split, eval_cfg.seed)
     rng = np.random.default_rng(0)
     raw = rng.normal(size=(len(synthetic_catalog.songs), 8)).astype(np.float32)
-    history = tuning.tune(synthetic_catalog, inner, raw, None, 0, True, user_tower="history", raw=raw)
-    assert "mm2cf" not in history.log and history.params["mm2cf"] == DEFAULTS["llmrec"]
-    cf = tuning.tune(synthetic_catalog, inner, raw, None, 0, False, user_tower="cf", raw=raw)
-    assert len(cf.log["mm2cf"]) == len(tuning.RIDGE_ALPHAS)
+    for tower in ("history", "cf"):
+        tuned = tuning.tune(synthetic_catalog, inner, raw, None, 0, False, user_tower=tower, raw=raw)
+        assert [r["alpha"] for r in tuned.log["mm2cf"]] == list(tuning.RIDGE_ALPHAS)
+        assert tuned.params["mm2cf"]["alpha"] in tuning.RIDGE_ALPHAS
