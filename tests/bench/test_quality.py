@@ -19,7 +19,7 @@ def test_nowplaying_targets_report_the_shortfall_as_a_share_of_the_bar():
     summary = _summary(**{"warm-known": {"hybrid/best_cf": 0.882}, "all": {"hybrid/best_cf": 1.2},
                           "cold": {"llmrec/mm2cf": None}})
     rows = {t["target"]: t for t in quality.targets("nowplaying", summary, None)}
-    assert len(rows) == 3
+    assert len([r for r in rows if not r.startswith("reasons:")]) == 3
     warm = rows["hybrid vs best CF, warm-known recall@20"]
     assert not warm["met"] and warm["required"] == 0.98 and warm["short_by"] == pytest.approx(0.1)  # 1 - .882/.98
     everything = rows["hybrid vs best CF, all recall@20"]
@@ -41,7 +41,7 @@ def test_the_tail_target_counts_only_hybrids_within_the_ndcg_budget():
             "hybrid": {"tail_share_vs_als": 1.35, "ndcg@20_change_vs_als": 0.01},
             "hybrid-tail": {"tail_share_vs_als": 3.5, "ndcg@20_change_vs_als": -0.12},  # over the 5% budget
             "llmrec": {"tail_share_vs_als": 4.0, "ndcg@20_change_vs_als": -0.4}}  # not a hybrid
-    cold, tail_row = quality.targets("synthetic", summary, tail)
+    cold, tail_row = quality.targets("synthetic", summary, tail)[:2]
     assert cold["met"] and cold["value"] == 1.3
     assert tail_row["value"] == 1.35 and not tail_row["met"] and tail_row["short_by"] == pytest.approx(0.1)
     tail["hybrid-tail"]["ndcg@20_change_vs_als"] = -0.04
@@ -84,3 +84,17 @@ def test_rerunning_one_dataset_keeps_the_other_sections(tmp_path):
     assert "--dataset synthetic`; generated day 2" in text and "--dataset nowplaying`; generated day 3" in text
     assert "day 1" not in text and "3,000 most-listened of 15,753" in text
     assert set(json.loads(md.with_suffix(".json").read_text())["datasets"]) == {"synthetic", "nowplaying"}
+
+
+def test_reason_targets_read_the_served_reasons_and_a_maximum_is_a_ceiling():
+    reasons = {"faithfulness": 0.95, "hallucination_rate": 0.30, "titles_from_history": 1.0, "claim_share": 0.97,
+               "unique_share": 0.6}
+    rows = {t["target"]: t for t in quality.targets("synthetic", {}, None, reasons)}
+    assert rows["reasons: faithfulness"]["met"]
+    hallucination = rows["reasons: hallucination rate"]
+    assert not hallucination["met"] and hallucination["at_most"] and hallucination["short_by"] == 0.1765
+    assert not rows["reasons: unique share"]["met"]  # 0.6 < 0.8 on synthetic
+    real = {t["target"]: t for t in quality.targets("nowplaying", {}, None, reasons)}
+    assert real["reasons: unique share"]["met"] and real["reasons: share of reasons with >= 1 checkable claim"]["met"]
+    assert all(t["value"] is None and not t["met"] for t in quality.targets("lastfm", {}, None, None)
+               if t["target"].startswith("reasons"))
