@@ -227,6 +227,8 @@ def _target(what: str, value: float | None, required: float, how: str = "min") -
 
 
 def verdict(t: dict, yes: str, no: str) -> str:
+    if t["value"] is None:  # llmrec not trained, an empty slice, reasons not evaluated: not a miss, not a hit
+        return f"{no} (not measured)"
     return yes if t["met"] else no if t["short_by"] is None else f"{no}, short by {t['short_by']:.0%}"
 
 
