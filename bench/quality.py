@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from data_prep.features import run_features  # noqa: E402
 from data_prep.prepare import build_catalog, run_prepare  # noqa: E402
-from eval.report import CF_MODELS, SLICES, best_cf, run_eval  # noqa: E402
+from eval.report import CF_MODELS, SLICES, best_cf, run_eval, subset_note  # noqa: E402
 from llmrec.config import Config, load_config  # noqa: E402
 from llmrec.io import atomic_write_text, open_run_dir  # noqa: E402
 from train.stages import run_train  # noqa: E402
@@ -276,7 +276,7 @@ def results_markdown(result: dict) -> str:
         out += [f"## {name} ({d['item_kind']}s, {d['split']} split; llmrec trained in this run: "
                 f"{'yes' if d['llmrec_trained'] else 'no; an earlier run model there, if any, is evaluated'})", "",
                 f"Command: `{d.get('command', '?')}`; generated {d.get('generated', '?')}, {d.get('seconds', 0):.0f} s."
-                + (f" {subset_sentence(d['subset'])}" if d.get("subset") else ""), "",
+                + (f" {subset_note(d['subset'])}" if d.get("subset") else ""), "",
                 "| slice | best CF | best CF recall | text | text2cf | mm2cf | llmrec | mm2cf-hybrid | hybrid | "
                 "llmrec/best CF | hybrid/best CF | llmrec/text | llmrec/text2cf | llmrec/mm2cf | "
                 "hybrid/mm2cf-hybrid | llmrec-cf/mm2cf-cf |", "|---|---|" + "---:|" * 14]
@@ -330,12 +330,6 @@ def results_markdown(result: dict) -> str:
                     for m, acc in probes["accuracy"].items()]
         out.append("")
     return "\n".join(out)
-
-
-def subset_sentence(subset: dict) -> str:
-    return (f"Catalogue cut to its {subset['songs'][1]:,} most-listened of {subset['songs'][0]:,} items "
-            f"(`catalog.max_songs`): {subset['users'][1]:,} of {subset['users'][0]:,} users, "
-            f"{subset['interactions'][1]:,} of {subset['interactions'][0]:,} user-item pairs.")
 
 
 def write_markdown(path: Path, result: dict) -> None:

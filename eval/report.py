@@ -144,13 +144,17 @@ def tuning_holdout_notes(run: RunDir, cfg: Config) -> list[str]:
             "tuned settings of llmrec, hybrid and hybrid-tail may be optimistic"]
 
 
+def subset_note(subset: dict) -> str:
+    """What `catalog.max_songs` kept of the real catalogue (its record in catalog/meta.json)."""
+    return (f"Catalogue cut to its {subset['songs'][1]:,} most-listened of {subset['songs'][0]:,} items "
+            f"(`catalog.max_songs`): {subset['users'][1]:,} of {subset['users'][0]:,} users, "
+            f"{subset['interactions'][1]:,} of {subset['interactions'][0]:,} user-item pairs.")
+
+
 def dataset_notes(catalog: Catalog, cfg: Config, split: Split) -> list[str]:
     notes = []
-    subset = catalog.meta.get("subset")
-    if subset:
-        notes.append(f"Catalogue cut to its {subset['songs'][1]:,} most-listened of {subset['songs'][0]:,} items "
-                     f"(catalog.max_songs): {subset['users'][1]:,} of {subset['users'][0]:,} users, "
-                     f"{subset['interactions'][1]:,} of {subset['interactions'][0]:,} user-item pairs.")
+    if catalog.meta.get("subset"):
+        notes.append(subset_note(catalog.meta["subset"]))
     if catalog.meta.get("item_kind") == "artist":
         notes.append("Items are ARTISTS, not songs (lastfm-2k): 'songs' in this report are artists, and every "
                      "content model sees text only (artist name + user tags; no audio, cover or lyrics).")
