@@ -67,17 +67,17 @@ def build_models(data: EvalData, params: dict[str, dict], text: np.ndarray, llm:
     hist = data.histories
     for name, vectors in llm.items():
         models[name] = llmrec_model(vectors, user_tower, models["als"], alpha, hist).fit(x)
+    def other_towers(name: str, vectors: np.ndarray, ridge_alpha: float) -> dict[str, Recommender]:
+        return {f"{name}-{other}": llmrec_model(vectors, other, models["als"], ridge_alpha, hist).fit(x)
+                for other in USER_TOWERS if other != user_tower}
+
     if "llmrec" in llm:
-        for other in USER_TOWERS:
-            if other != user_tower:
-                models[f"llmrec-{other}"] = llmrec_model(llm["llmrec"], other, models["als"], alpha, hist).fit(x)
+        models.update(other_towers("llmrec", llm["llmrec"], alpha))
     if raw is not None:
         raw_alpha = params.get("mm2cf", DEFAULTS["llmrec"])["alpha"]
         models["mm2cf"] = llmrec_model(raw, user_tower, models["als"], raw_alpha, hist).fit(x)
         # the no-LLM bar under the other tower too, so that `llmrec-cf` has its own bar (`mm2cf-cf`)
-        for other in USER_TOWERS:
-            if other != user_tower:
-                models[f"mm2cf-{other}"] = llmrec_model(raw, other, models["als"], raw_alpha, hist).fit(x)
+        models.update(other_towers("mm2cf", raw, raw_alpha))
     for name, content in (("hybrid", "llmrec"), ("hybrid-tail", "llmrec"), ("mm2cf-hybrid", "mm2cf")):
         if content in models and name in params:
             blend = params[name]

@@ -21,11 +21,11 @@ SOURCES = ("synthetic", "table", "lastfm", "nowplaying")
 
 def load_source(cfg: Config) -> Catalog:
     catalog = _load_whole_source(cfg)
-    if cfg.catalog.source == "synthetic" or not cfg.catalog.max_songs:
+    if cfg.catalog.source == "synthetic":
         return catalog  # the generator has its own size settings (synthetic.n_songs)
     from data_prep.adapters.subset import most_listened
 
-    return most_listened(catalog, cfg.catalog.max_songs)
+    return most_listened(catalog, cfg.catalog.max_songs)  # the whole catalogue unless catalog.max_songs > 0
 
 
 def _load_whole_source(cfg: Config) -> Catalog:
