@@ -157,6 +157,9 @@ class TrainConfig:
     cf_weight: float = 1.0
     colisten_weight: float = 0.5
     temperature: float = 0.07
+    # Negatives of stage 2's song -> CF factor loss: `batch` (the other songs of the batch: batch_size - 1 of them)
+    # or `catalog` (every training song's CF factor: one [batch, songs] product, all songs - 1 negatives).
+    cf_negatives: str = "batch"
     modality_dropout: float = 0.15  # stage 2: share of audio/cover rows shown as missing (llmrec.model.collate)
     gradient_checkpointing: bool = False
     # Strategy: null = one process or DDP (whatever the launcher started); a DeepSpeed JSON config selects ZeRO

@@ -25,7 +25,7 @@ from llmrec.features import load_media_features, load_text_features
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
 from llmrec.model.backbone import build_tiny_llama, load_backbone, resolve_dtype, train_bpe_tokenizer
 from llmrec.model.collate import MultimodalCollator, drop_modalities
-from llmrec.model.losses import info_nce
+from llmrec.model.losses import catalog_info_nce, info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
@@ -190,6 +190,25 @@ def train_stage2_parameters(model: MultimodalLM) -> None:
             p.requires_grad_(True)
 
 
+CF_NEGATIVES = ("batch", "catalog")
+
+
+def cf_alignment_loss(pairs: list[dict], negatives: str, temperature: float):
+    """Stage 2's song -> CF factor loss, `loss(mapped embeddings [B, cf_dim], pair rows)`, with the negatives named
+    by `train.cf_negatives` (see `llmrec.model.losses`)."""
+    if negatives not in CF_NEGATIVES:
+        raise ValueError(f"train.cf_negatives {negatives!r} is not supported; choose one of {list(CF_NEGATIVES)}")
+    if negatives == "batch":
+        return lambda mapped, rows: info_nce(
+            mapped, torch.tensor([r["cf_factor"] for r in rows], dtype=mapped.dtype, device=mapped.device), temperature)
+    factors = {r["song_id"]: r["cf_factor"] for r in pairs}  # one row per song; pairs repeat a song per positive
+    row_of = {sid: k for k, sid in enumerate(factors)}
+    table = torch.tensor(list(factors.values()), dtype=torch.float32)
+    return lambda mapped, rows: catalog_info_nce(
+        mapped, table.to(mapped.device, mapped.dtype),
+        torch.tensor([row_of[r["song_id"]] for r in rows], device=mapped.device), temperature)
+
+
 def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict[str, str], accelerator,
            progress: bool) -> list[float]:
     done = run.model / "stage2"
@@ -204,6 +223,7 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
     lm_sampler = StepSampler(len(reasons), cfg.train.batch_size, cfg.seed + 2)
     pair_sampler = StepSampler(len(pairs), cfg.train.batch_size, cfg.seed + 3)
     t = cfg.train
+    cf_loss = cf_alignment_loss(pairs, t.cf_negatives, t.temperature)
 
     def loss_fn(step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a pure function of step: exact resume
@@ -218,8 +238,7 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
         # One backbone pass for the reasons and the songs (MultimodalLM.loss_and_embed says why it matters).
         lm_loss, emb = model.loss_and_embed(batch, song_batch)
         emb, pos = emb[:len(rows)], emb[len(rows):]
-        cf = torch.tensor([r["cf_factor"] for r in rows], dtype=emb.dtype)
-        loss = t.lm_weight * lm_loss + t.cf_weight * info_nce(model.id_head(emb), cf, t.temperature)
+        loss = t.lm_weight * lm_loss + t.cf_weight * cf_loss(model.id_head(emb), rows)
         if len(with_pos) >= 2:  # InfoNCE needs another pair in the batch as a negative
             loss = loss + t.colisten_weight * info_nce(emb[with_pos], pos, t.temperature)
         return loss

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from llmrec.io import open_run_dir
 from llmrec.model.bundle import load_bundle
 from llmrec.model.collate import MultimodalCollator
 from llmrec.model.mm_lm import MultimodalLM
-from train.stages import _mm_config, add_lora, item_prompts, run_train, train_stage2_parameters
+from train.stages import _mm_config, add_lora, cf_alignment_loss, item_prompts, run_train, train_stage2_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +148,30 @@ def test_unknown_lora_target_lists_the_real_names(trained):
     bad = load_config(overrides=["model.lora_targets=[W_pack]"])
     with pytest.raises(ValueError, match=r"LoRA target\(s\) \['W_pack'\] do not exist.*'q_proj'"):
         add_lora(model, bad)
+
+
+def test_cf_alignment_loss_takes_negatives_from_the_batch_or_the_whole_table():
+    pairs = [{"song_id": "a", "cf_factor": [1.0, 0.0]}, {"song_id": "a", "cf_factor": [1.0, 0.0]},
+             {"song_id": "b", "cf_factor": [0.0, 1.0]}, {"song_id": "c", "cf_factor": [1.0, 0.0]}]
+    batch = [pairs[0], pairs[2]]  # songs a and b; c (a's CF direction) is outside the batch
+    mapped = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    in_batch = cf_alignment_loss(pairs, "batch", 0.1)(mapped, batch)
+    catalog = cf_alignment_loss(pairs, "catalog", 0.1)(mapped, batch)
+    assert catalog > in_batch  # song c competes with song a only when the table is the catalogue
+    with pytest.raises(ValueError, match="cf_negatives 'queue'.*'batch', 'catalog'"):
+        cf_alignment_loss(pairs, "queue", 0.1)
+
+
+def test_stage2_trains_with_catalog_negatives(trained, tmp_path):
+    cfg, run, _ = trained
+    other = open_run_dir(tmp_path / "run")
+    for name in ("catalog", "features", "examples"):
+        (other.root / name).symlink_to(getattr(run, name), target_is_directory=True)
+    for stage in ("stage0", "stage1"):
+        shutil.copytree(run.model / stage, other.model / stage)
+    run_train(replace(cfg, train=replace(cfg.train, cf_negatives="catalog")), other,
+              argparse.Namespace(no_progress=True))
+    losses = json.loads((other.model / "stage2" / "losses.json").read_text())
+    assert len(losses) == cfg.train.stage2_steps and all(torch.isfinite(torch.tensor(losses)))
+    reference = json.loads((run.model / "stage2" / "losses.json").read_text())
+    assert losses[0] != pytest.approx(reference[0])  # the loss really changed: same first batch, more negatives

@@ -6,7 +6,6 @@ import torch
 
 from llmrec.config import ModelConfig
 from llmrec.model.backbone import build_tiny_llama, train_bpe_tokenizer
-from llmrec.model.losses import info_nce
 from llmrec.model.mm_lm import MediaBatch, MMConfig, MultimodalLM, expand_placeholders
 from llmrec.model.projector import build_projector
 from llmrec.text import AUDIO_TOKEN, COVER_TOKEN, EMBED_TOKEN
@@ -110,13 +109,6 @@ def test_multimodal_weights_round_trip(model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(other.eval().embed(ids, mask, media(1, 1)), model.embed(ids, mask, media(1, 1)))
     assert all(not k.startswith("lm.") for k in model.multimodal_state_dict())
-
-
-def test_info_nce_prefers_matching_pairs():
-    x = torch.eye(4)
-    assert info_nce(x, x) < info_nce(x, x.roll(1, dims=0))
-    with pytest.raises(ValueError, match="paired rows"):
-        info_nce(x, x[:3])
 
 
 def _greedy_by_hand(model, text, m, steps):
