@@ -182,6 +182,11 @@ class ServeConfig:
     max_batch: int = 64
     max_text_chars: int = 4000
     max_queue: int = 256
+    # Wait budgets (seconds; 0 = none): refuse a call (503, Retry-After = the expected wait) whose work would queue
+    # longer than this behind the work already queued, at the rate the engine has been answering it (see
+    # serve.batching.BatchedEngine.expected_wait). max_queue alone lets a 6 s embedding queue build up on 2 CPU cores.
+    max_embed_queue_wait_s: float = 2.0
+    max_generate_queue_wait_s: float = 20.0
     request_timeout_s: float = 30.0
     index: str = "flat"  # `flat` (exact inner product), `ivf`, `hnsw`
     media_roots: list[str] = field(default_factory=list)

@@ -15,9 +15,11 @@ most one ahead): without it, the next embedding batch would be formed only once 
 event loop, by which time the engine thread has already started a waiting generation batch.
 
 Back-pressure instead of unbounded latency: a request that would push the number of queued items past `max_queue`
-is refused at once with `Overloaded` (HTTP 503), and a request still unanswered after `timeout_s` gets
-`RequestTimeout` (HTTP 504); if it was still queued, its items are dropped and never computed (so is a batch
-waiting for the engine thread once all of its requests have timed out).
+is refused at once with `Overloaded` (HTTP 503); so is one that would wait longer than the kind of work's wait budget
+(`BatchedEngine.max_queue_wait_s`, from the items queued and the rate the engine has been answering them at: a count
+bound that is right on a GPU lets a queue of tens of seconds build up on a CPU). A request still unanswered after
+`timeout_s` gets `RequestTimeout` (HTTP 504); if it was still queued, its items are dropped and never computed (so
+is a batch waiting for the engine thread once all of its requests have timed out).
 
 Written here rather than taken from a library: the batching libraries on PyPI (e.g. Ray Serve's @serve.batch) need
 their own serving runtime; this is the small core that a FastAPI app on one engine needs.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 import weakref
@@ -64,6 +67,32 @@ class BatchStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+class Throughput:
+    """Items answered per second over the last `window_s` seconds, from the completions themselves: the rate a
+    queue drains at, whatever the hardware. None until two completions fall in the window (nothing to divide by).
+    Updated and read on the event loop only."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.perf_counter):
+        self.window_s, self.clock = window_s, clock
+        self._done: deque[tuple[float, int]] = deque()
+
+    def record(self, items: int) -> None:
+        now = self.clock()
+        self._done.append((now, items))
+        self._trim(now)
+
+    def per_second(self) -> float | None:
+        self._trim(self.clock())
+        if len(self._done) < 2:
+            return None
+        span = self._done[-1][0] - self._done[0][0]  # first to last completion: idle time after them does not count
+        return sum(n for _, n in itertools.islice(self._done, 1, None)) / span if span > 0 else None
+
+    def _trim(self, now: float) -> None:
+        while self._done and self._done[0][0] < now - self.window_s:
+            self._done.popleft()
 
 
 @dataclass
@@ -221,6 +250,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait_s, self.max_queue, self.timeout_s = max_batch, max_wait_s, max_queue, timeout_s
         self.executor = executor or PriorityEngineThread(name=f"engine-{name}")
         self.stats = BatchStats()
+        self.throughput = Throughput()
         self.queued_items = 0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
@@ -346,6 +376,7 @@ class MicroBatcher:
             return
         self.stats.batches += 1
         self.stats.items += len(items)
+        self.throughput.record(len(items))
         start = 0
         for p in live:
             if not p.future.done():
@@ -363,6 +394,7 @@ class ConcurrentCalls:
                  executor: ThreadPoolExecutor, name: str = "calls"):
         self.fn, self.max_queue, self.timeout_s, self.executor, self.name = fn, max_queue, timeout_s, executor, name
         self.stats = BatchStats()
+        self.throughput = Throughput()
         self.queued_items = 0
 
     async def submit(self, items: Sequence[Any], *args) -> list[Any]:
@@ -378,6 +410,7 @@ class ConcurrentCalls:
             self.queued_items -= len(items)
             self.stats.batches += 1
             self.stats.items += len(items)
+            self.throughput.record(len(items))
 
         def done_threadsafe(f):
             try:
@@ -398,11 +431,15 @@ class BatchedEngine:
     """An `Engine` behind micro-batchers: `await embed(items)` and `await generate(items, max_new_tokens)` from
     many concurrent requests become few engine calls. All batchers share one engine thread, which runs a waiting
     embedding batch before waiting generation batches, except that after `embed_burst` embedding batches in a row
-    that overtook a waiting generation batch, the oldest waiting generation batch runs (`PriorityEngineThread`)."""
+    that overtook a waiting generation batch, the oldest waiting generation batch runs (`PriorityEngineThread`).
+
+    `max_queue_wait_s` (per kind of work, `embed` / `generate`; 0 or absent = no bound): the door check refuses a
+    request whose work would wait longer than that behind the items already queued (`expected_wait`)."""
 
     def __init__(self, engine, *, max_batch: int, max_wait_s: float, max_queue: int, timeout_s: float,
-                 embed_burst: int = 4):
+                 embed_burst: int = 4, max_queue_wait_s: dict[str, float] | None = None):
         self.engine, self.max_queue = engine, max_queue
+        self.max_queue_wait_s = {op: s for op, s in (max_queue_wait_s or {}).items() if s > 0}
         self.shed = 0  # requests refused by `admit` before they were read
         self._kw = dict(max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue, timeout_s=timeout_s)
         self._executor = PriorityEngineThread(burst=embed_burst, name="engine")
@@ -446,14 +483,38 @@ class BatchedEngine:
             return sum(b.queued_items for b in self._batchers() if b is not self.embedder)
         return sum(b.queued_items for b in self._batchers())
 
-    def admit(self, ops: Sequence[str]) -> bool:
-        """The server's door check for a new request, before its body is read: False (and counted) while a kind of
-        work the request needs already has `max_queue` items. Each batcher's own bound still applies to the
-        requests admitted (`submit` raises `Overloaded`)."""
-        if any(self.queued(op) >= self.max_queue for op in ops):
+    def expected_wait(self, op: str) -> float | None:
+        """Seconds a new item of `op` would wait behind the items queued now, at the rate the engine has answered
+        that kind of work lately (Little's law); None while that rate is unknown (no recent completions)."""
+        rates = [r for b in self._batchers() if (b is self.embedder) == (op == "embed")
+                 if (r := b.throughput.per_second()) is not None]
+        return self.queued(op) / sum(rates) if rates and sum(rates) > 0 else None
+
+    def refusal(self, ops: Sequence[str]) -> str | None:
+        """Why a new request needing `ops` would be refused now, or None: a kind of work at `max_queue` items, or
+        one whose expected wait is over its `max_queue_wait_s`."""
+        for op in ops:
+            if self.queued(op) >= self.max_queue:
+                return f"{self.queued(op)} {op} items queued (limit {self.max_queue})"
+            wait, budget = self.expected_wait(op), self.max_queue_wait_s.get(op)
+            if budget is not None and wait is not None and wait > budget:
+                return (f"{self.queued(op)} {op} items queued, about {wait:.1f}s of work "
+                        f"(serve.max_{op}_queue_wait_s={budget:g})")
+        return None
+
+    def admit(self, ops: Sequence[str]) -> str | None:
+        """The server's door check for a new request, before its body is read: None to admit it, else why it is
+        refused (`refusal`; counted in `shed`). Each batcher's own count bound still applies to the requests admitted
+        (`submit` raises `Overloaded`)."""
+        why = self.refusal(ops)
+        if why is not None:
             self.shed += 1
-            return False
-        return True
+        return why
+
+    def retry_after(self, ops: Sequence[str]) -> int:
+        """Seconds a refused client should wait (Retry-After): the longest expected wait of its work, at least 1."""
+        waits = [w for op in ops if (w := self.expected_wait(op)) is not None]
+        return max(1, math.ceil(max(waits, default=1.0)))
 
     def overloaded(self) -> int:
         """Requests refused with 503 so far: at the door (`admit`) and by a full operation queue."""

@@ -75,20 +75,22 @@ class BodyLimit:
 
 class LoadShed:
     """ASGI middleware, outermost: while a kind of work an API call needs (embedding, generation) already has
-    `serve.max_queue` items queued, refuse the call with 503 + Retry-After before its body is read, parsed or
-    authenticated. Under overload most calls are refused, and refusing them at the door leaves the event loop's
-    time to the calls it serves."""
+    `serve.max_queue` items queued, or more work queued than its wait budget (`serve.max_embed_queue_wait_s`,
+    `serve.max_generate_queue_wait_s`), refuse the call with 503 + Retry-After (the expected wait, at least 1 s)
+    before its body is read, parsed or authenticated. Under overload most calls are refused, and refusing them at the
+    door leaves the event loop's time to the calls it serves."""
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         ops = API_ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if ops and not self.state.batched.admit(ops):
+        batched = self.state.batched
+        why = batched.admit(ops) if ops else None
+        if why is not None:
             self.state.metrics.observe(scope["path"], 503, 0.0)
-            busy = error(503, f"server busy: {', '.join(f'{self.state.batched.queued(op)} {op}' for op in ops)} "
-                              f"items queued (limit {self.state.batched.max_queue}); retry later",
-                         headers={"Retry-After": "1"})
+            busy = error(503, f"server busy: {why}; retry later",
+                         headers={"Retry-After": str(batched.retry_after(ops))})
             return await busy(scope, receive, send)
         return await self.app(scope, receive, send)
 

@@ -85,7 +85,9 @@ def load_state(cfg: Config, run: RunDir, engine: Engine | None = None, index: So
         inputs.add_song(sid, row, added_media.get(sid) or inputs.empty_media())
     s = cfg.serve
     batched = BatchedEngine(engine, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
-                            timeout_s=s.request_timeout_s, embed_burst=s.embed_burst)
+                            timeout_s=s.request_timeout_s, embed_burst=s.embed_burst,
+                            max_queue_wait_s={"embed": s.max_embed_queue_wait_s,
+                                              "generate": s.max_generate_queue_wait_s})
     return ServerState(cfg, run, engine, batched, inputs, index, MediaCodec(cfg, run.features / "encoders"), reasons,
                        model_name=f"llmrec-{cfg.name}-{engine.bundle_hash[:12]}",
                        api_key=s.api_key or os.environ.get(API_KEY_ENV) or None)

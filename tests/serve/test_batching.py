@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from serve.batching import EMBED_PRIORITY, BatchedEngine, MicroBatcher, Overloaded, PriorityEngineThread, RequestTimeout
+from serve.batching import (
+    EMBED_PRIORITY,
+    BatchedEngine,
+    MicroBatcher,
+    Overloaded,
+    PriorityEngineThread,
+    RequestTimeout,
+    Throughput,
+)
 
 
 class Recorder:
@@ -437,3 +445,61 @@ def test_close_cancels_queued_engine_work_and_answers_its_requests():
     assert all(isinstance(r, Overloaded) and "shut down" in str(r) for r in got)
     be._executor._thread.join(5)
     assert engine.log == ["gen4"] and not be._executor._thread.is_alive()
+
+
+# ------------------------------------------------------------------------------------------------ wait budget
+
+def test_throughput_is_items_per_second_between_the_first_and_last_completion_in_the_window():
+    now = [0.0]
+    rate = Throughput(window_s=10.0, clock=lambda: now[0])
+    assert rate.per_second() is None
+    rate.record(2)
+    assert rate.per_second() is None  # one completion: no interval yet
+    for t, n in ((1.0, 4), (2.0, 4)):
+        now[0] = t
+        rate.record(n)
+    now[0] = 5.0  # idle since the last completion: the rate is what the engine did while it worked
+    assert rate.per_second() == pytest.approx(4.0)
+    now[0] = 11.5  # the first two completions left the window
+    assert rate.per_second() is None
+
+
+class TimedEngine:
+    """Embeddings that take `delay` seconds per call and wait at `gate` (open by default)."""
+
+    embedding_dim = 2
+
+    def __init__(self, delay: float):
+        self.delay, self.gate = delay, threading.Event()
+        self.gate.set()
+
+    def embed(self, items):
+        self.gate.wait(5)
+        time.sleep(self.delay)
+        return [[1.0, 0.0] for _ in items]
+
+
+def test_the_door_refuses_work_that_would_wait_past_its_budget():
+    engine = TimedEngine(delay=0.05)  # 2 items per call: at most 40 items/s
+    be = BatchedEngine(engine, max_batch=2, max_wait_s=0.0, max_queue=1000, timeout_s=10,
+                       max_queue_wait_s={"embed": 0.3, "generate": 0})
+
+    async def main():
+        for _ in range(4):  # the engine's rate, measured from these completions
+            await be.embed(["a", "b"])
+        assert be.admit(["embed"]) is None and be.expected_wait("embed") == 0
+        engine.gate.clear()
+        queued = [asyncio.ensure_future(be.embed(["a", "b"])) for _ in range(10)]
+        await until_async(lambda: be.queued("embed") >= 16)
+        refused, wait, retry = be.admit(["embed"]), be.expected_wait("embed"), be.retry_after(["embed"])
+        other = be.admit(["generate"])  # no budget, no queue
+        engine.gate.set()
+        await asyncio.gather(*queued)
+        return refused, wait, retry, other, be.admit(["embed"])
+
+    refused, wait, retry, other, after = run(main())
+    assert wait >= 16 / 40  # at least 16 items queued at no more than 40 items/s
+    assert "embed items queued, about" in refused and "serve.max_embed_queue_wait_s=0.3" in refused
+    assert retry == max(1, int(-(-wait // 1)))
+    assert other is None and after is None and be.shed == 1
+    be.close()
