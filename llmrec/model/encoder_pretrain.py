@@ -35,6 +35,7 @@ from llmrec.model.encoders import (
     normalise_waves,
     save_encoder,
 )
+from llmrec.model.losses import info_nce
 
 TEMPERATURE = 0.1
 LR = 1e-3
@@ -54,13 +55,6 @@ class ContrastiveHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x), dim=-1)
-
-
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of z1 must pick row i of z2 among all rows, and vice versa."""
-    logits = z1 @ z2.T / temperature
-    target = torch.arange(len(z1))
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def audio_view(wave: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
@@ -168,7 +162,7 @@ def train_contrastive(embed: Callable[[torch.Tensor], torch.Tensor], model: torc
     def eval_loss() -> float:
         model.eval()
         with torch.no_grad():
-            return float(info_nce(head(embed(eval_views[0])), head(embed(eval_views[1]))))
+            return float(info_nce(head(embed(eval_views[0])), head(embed(eval_views[1])), TEMPERATURE))
 
     before = eval_loss()
     rng = np.random.default_rng([seed, 2])
@@ -177,7 +171,7 @@ def train_contrastive(embed: Callable[[torch.Tensor], torch.Tensor], model: torc
     bs = min(batch_size, n)
     for _ in tqdm(range(steps), desc=desc, disable=not progress, unit="step"):
         idx = rng.choice(n, size=bs, replace=False)
-        loss = info_nce(head(embed(make_batch(idx, rng))), head(embed(make_batch(idx, rng))))
+        loss = info_nce(head(embed(make_batch(idx, rng))), head(embed(make_batch(idx, rng))), TEMPERATURE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
