@@ -33,10 +33,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from llmrec.config import Config
-from llmrec.evidence import EvidenceBuilder, phrase, reason_prompt
+from llmrec.evidence import EvidenceBuilder, reason_example
 from llmrec.io import RunDir, atomic_dir, atomic_write_json
 from llmrec.schema import Catalog, load_catalog
-from llmrec.split import Split, positive_plays, split_catalog, tuning_split
+from llmrec.split import Split, example_plays, positive_plays, split_catalog
 from llmrec.text import SongText, build_stage1_prompt, sanitize_song, song_media
 
 # The modality a model needs to perceive each caption attribute (a caption states audio attributes only when the
@@ -123,16 +123,6 @@ def _iso(ts: Any) -> str:
     return pd.Timestamp(ts).isoformat()
 
 
-def training_plays(split: Split, cfg: Config) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The plays stage-2 examples and CF pairs are built from, and what was held out of them for tuning
-    (`tuning_holdout` in meta.json, which eval checks). Skips are dropped later, by `_positives`."""
-    if not cfg.examples.hold_out_tuning_plays:
-        return split.train, {"held_out": False}
-    inner = tuning_split(split, cfg.seed)
-    return inner.train, {"held_out": True, "seed": cfg.seed, "plays": len(inner.test),
-                         "songs": len(inner.cold_songs)}
-
-
 def _positives(plays: pd.DataFrame) -> pd.DataFrame:
     """Positive plays in time order per user (log order breaks ties)."""
     train = positive_plays(plays)
@@ -209,16 +199,10 @@ def build_stage2(songs: dict[str, SongText], plays: pd.DataFrame, cfg: Config, s
             cands = [cands[k] for k in sorted(keep)]
         for i, hist in cands:
             sid, ts = g["song_id"].iat[i], g["timestamp"].iat[i]
-            prompt, evidence = reason_prompt(builder, [h for h, _ in hist], sid, user=str(user))
-            shown = prompt.history_song_ids
+            example = reason_example(builder, [h for h, _ in hist], sid, str(user), rng)
             when = dict(hist)
-            rows.append({
-                "user_id": str(user), "song_id": sid, "timestamp": _iso(ts),
-                "history_song_ids": shown, "history_timestamps": [_iso(when[h]) for h in shown],
-                "prompt": prompt.text, "answer": phrase(evidence, bool(shown), rng),
-                "evidence": [json.dumps(e.as_json(), ensure_ascii=False) for e in evidence],
-                "audio_song_ids": prompt.audio_song_ids, "cover_song_ids": prompt.cover_song_ids,
-            })
+            rows.append({"user_id": str(user), "song_id": sid, "timestamp": _iso(ts),
+                         "history_timestamps": [_iso(when[h]) for h in example["history_song_ids"]], **example})
     return rows
 
 
@@ -290,7 +274,7 @@ def make_examples(catalog: Catalog, cfg: Config, truth: pd.DataFrame | None = No
     skipped: Counter = Counter()
     stage1 = build_stage1(catalog, songs, split, attrs, cfg, skipped, progress)
     time_axis = catalog.meta.get("time_axis") is not False  # lastfm-2k: timestamps are placeholders
-    plays, held_out = training_plays(split, cfg)
+    plays, held_out = example_plays(split, cfg.examples.hold_out_tuning_plays, cfg.seed)
     stage2 = build_stage2(songs, plays, cfg, skipped, progress, time_axis)
     pairs = build_pairs(plays, cfg, skipped)
     meta = {

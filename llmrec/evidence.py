@@ -29,6 +29,7 @@ stage 2 is trained on) and renders it for the prompt (`prompt_lines`), so traini
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -344,3 +345,16 @@ def phrase(items: Sequence[Evidence], has_history: bool, rng: np.random.Generato
     if own:
         return pick(NEW_OPENERS if has_history else NO_HISTORY).format(c=", and ".join(e.clause() for e in own))
     return GENERIC_REASON
+
+
+def reason_example(builder: EvidenceBuilder, history: Sequence[str], candidate: str, user: str | None,
+                   rng: np.random.Generator) -> dict[str, Any]:
+    """The fields of one stage-2 training example: the prompt listing the evidence, an answer that states some of
+    it (`phrase`), and the evidence as JSON strings. Prepare builds them from catalog facts and co-listening;
+    train rebuilds the ones whose candidate has perceived attributes once its perception heads exist, so the
+    model learns to say what it perceives, as the server's prompts will list it."""
+    prompt, evidence = reason_prompt(builder, history, candidate, user=user)
+    return {"history_song_ids": prompt.history_song_ids, "prompt": prompt.text,
+            "answer": phrase(evidence, bool(prompt.history_song_ids), rng),
+            "evidence": [json.dumps(e.as_json(), ensure_ascii=False) for e in evidence],
+            "audio_song_ids": prompt.audio_song_ids, "cover_song_ids": prompt.cover_song_ids}

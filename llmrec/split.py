@@ -208,3 +208,13 @@ def tuning_split(split: Split, seed: int) -> Split:
     """
     fit = positive_plays(pd.concat([split.train, split.valid], ignore_index=True))
     return item_holdout_split(fit, cold_fraction=0.1, test_fraction=0.2, seed=seed + 1)
+
+
+def example_plays(split: Split, hold_out_tuning_plays: bool, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The plays llmrec's training examples are built from -- `data_prep` at prepare time, and `train` when it
+    rebuilds stage-2 reasons with perceived evidence -- and what was held out of them for tuning (`tuning_holdout`
+    in the examples' meta.json, which eval checks). Skips are still in; `positive_plays` drops them."""
+    if not hold_out_tuning_plays:
+        return split.train, {"held_out": False}
+    inner = tuning_split(split, seed)
+    return inner.train, {"held_out": True, "seed": seed, "plays": len(inner.test), "songs": len(inner.cold_songs)}

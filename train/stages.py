@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from llmrec.model.backbone import build_tiny_llama, load_backbone, resolve_dtype
 from llmrec.model.collate import MultimodalCollator, drop_modalities
 from llmrec.model.losses import catalog_info_nce, info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
+from llmrec.perception import PerceptionHeads, fit_perception, pooled_features
 from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
 from train.distributed import backbone_hidden_size, build_accelerator, enable_gradient_checkpointing
@@ -210,7 +212,8 @@ def cf_alignment_loss(pairs: list[dict], negatives: str, temperature: float):
 
 
 def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict[str, str], accelerator,
-           progress: bool) -> list[float]:
+           progress: bool, reasons: Callable[[], list[dict]]) -> list[float]:
+    """`reasons`: the stage-2 reason examples (`stage2_reasons`), only built when this stage still has to run."""
     done = run.model / "stage2"
     if (done / "adapter").is_dir():
         model.lm = PeftModel.from_pretrained(model.lm, done / "adapter")
@@ -218,7 +221,7 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
         return json.loads((done / "losses.json").read_text())
     add_lora(model, cfg)
     train_stage2_parameters(model)
-    reasons = _rows_that_fit(load_from_disk(str(run.examples / "stage2")).to_list(), collate, "stage 2")
+    reasons = _rows_that_fit(reasons(), collate, "stage 2")
     pairs = load_from_disk(str(run.examples / "pairs")).to_list()
     lm_sampler = StepSampler(len(reasons), cfg.train.batch_size, cfg.seed + 2)
     pair_sampler = StepSampler(len(pairs), cfg.train.batch_size, cfg.seed + 3)
@@ -296,23 +299,51 @@ def save_stage2(run: RunDir, model: MultimodalLM, losses: list[float]) -> Path:
     return out
 
 
-def train_perception(cfg: Config, run: RunDir, catalog, features) -> dict:
+def stage2_reasons(cfg: Config, run: RunDir, catalog, perceived: dict[str, list[tuple[str, str, float]]]
+                   ) -> list[dict]:
+    """Prepare's stage-2 reason examples, with every example whose candidate has a perceived attribute at or above
+    `prompt.min_perceived_confidence` rebuilt by the same code (`llmrec.evidence.reason_example`) from the same
+    training plays, now with that attribute listed as evidence: prepare runs before the perception heads exist, but
+    the server's prompts list what they perceive, so the model must learn to state it (and only it). The rest are
+    kept as prepare wrote them."""
+    from llmrec.evidence import EvidenceBuilder, reason_example
+    from llmrec.split import example_plays, positive_plays, split_catalog
+
+    rows = load_from_disk(str(run.examples / "stage2")).to_list()
+    threshold = cfg.prompt.min_perceived_confidence
+    sure = {sid for sid, items in perceived.items() if any(p >= threshold for _, _, p in items)}
+    todo = [r for r in rows if r["song_id"] in sure]
+    if todo:
+        split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
+        plays, _ = example_plays(split, cfg.examples.hold_out_tuning_plays, cfg.seed)
+        builder = EvidenceBuilder({s["song_id"]: s for s in catalog.songs.to_dict("records")},
+                                  positive_plays(plays), perceived, cfg.prompt)
+        rng = np.random.default_rng([cfg.seed, 5])
+        for row in tqdm(todo, desc="stage-2 reasons with perceived evidence", disable=len(todo) < 1000):
+            when = dict(zip(row["history_song_ids"], row["history_timestamps"]))
+            row.update(reason_example(builder, row["history_song_ids"], row["song_id"], row["user_id"], rng))
+            row["history_timestamps"] = [when[h] for h in row["history_song_ids"]]
+    if todo:
+        print(f"stage 2: {len(todo)} of {len(rows)} reason examples rebuilt with perceived evidence")
+    return rows
+
+
+def train_perception(cfg: Config, run: RunDir, catalog, features) -> PerceptionHeads | None:
     """Fit and save the perception heads (`llmrec.perception`) on the training songs' attribute labels, where the
-    catalog has labels (the synthetic one); returns their held-out measurements ({} without labels)."""
-    from llmrec.perception import fit_perception
+    catalog has labels (the synthetic one); None without labels. Only the frozen encoders' features go in, so they
+    are fitted before stage 1, and stage 2's reasons can state what they perceive."""
     from llmrec.schema import load_song_attributes
     from llmrec.split import split_catalog
 
     labels = load_song_attributes(run.catalog)
     if labels is None:
-        return {}
+        return None
     split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
     train_ids = set(catalog.songs["song_id"].astype(str)) - set(split.cold_songs)
     heads = fit_perception(features, labels, train_ids, cfg.seed, cfg.prompt.min_perceived_confidence)
-    if heads is None:
-        return {}
-    heads.save(run.model / "perception")
-    return heads.report()
+    if heads is not None:
+        heads.save(run.model / "perception")
+    return heads
 
 
 def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -> dict:
@@ -335,8 +366,11 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     collate = MultimodalCollator(tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
                                  cfg.train.max_length, text_features)
     prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length, cfg.prompt.song_budget)
+    heads = train_perception(cfg, run, catalog, features)
+    perceived = heads.predict(pooled_features(features)) if heads is not None else {}
     s1 = stage1(cfg, run, model, collate, accelerator, progress)
-    s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress)
+    s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress,
+                lambda: stage2_reasons(cfg, run, catalog, perceived))
     if not accelerator.is_main_process:  # multi-process run: rank 0 alone saves, embeds and exports
         return {"rank": accelerator.process_index, "stage2 loss last": s2[-1]}
     out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)
@@ -349,7 +383,7 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
         save_embeddings(run.model / f"embeddings-{variant}.safetensors",
                         *song_embeddings(model, collate, prompts, drop=drop, progress=progress))
     bundle_hash = export_bundle(model, run.model / "bundle", {"preset": cfg.preset, "backbone": cfg.model.backbone})
-    perception = train_perception(cfg, run, catalog, features)
+    perception = heads.report() if heads is not None else {}
     summary = {"stage1_loss": [round(float(np.mean(s1[:5])), 3), round(float(np.mean(s1[-5:])), 3)],
                "stage2_loss": [round(float(np.mean(s2[:5])), 3), round(float(np.mean(s2[-5:])), 3)]}
     if perception:

@@ -14,12 +14,22 @@ from safetensors import safe_open
 from data_prep.features import run_features
 from data_prep.prepare import run_prepare
 from llmrec.config import load_config
+from llmrec.evidence import Evidence
 from llmrec.features import load_media_features
 from llmrec.io import open_run_dir
 from llmrec.model.bundle import load_bundle
 from llmrec.model.collate import MultimodalCollator
 from llmrec.model.mm_lm import MultimodalLM
-from train.stages import _mm_config, add_lora, cf_alignment_loss, item_prompts, run_train, train_stage2_parameters
+from llmrec.schema import load_catalog
+from train.stages import (
+    _mm_config,
+    add_lora,
+    cf_alignment_loss,
+    item_prompts,
+    run_train,
+    stage2_reasons,
+    train_stage2_parameters,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +185,35 @@ def test_stage2_trains_with_catalog_negatives(trained, tmp_path):
     assert len(losses) == cfg.train.stage2_steps and all(torch.isfinite(torch.tensor(losses)))
     reference = json.loads((run.model / "stage2" / "losses.json").read_text())
     assert losses[0] != pytest.approx(reference[0])  # the loss really changed: same first batch, more negatives
+
+
+def _evidence(row: dict) -> list[Evidence]:
+    return [Evidence(**json.loads(e)) for e in row["evidence"]]
+
+
+def test_stage2_reasons_list_what_the_perception_heads_perceive(trained):
+    """Prepare writes the reasons before the perception heads exist; train rebuilds the ones whose candidate is
+    perceived with confidence, from the same plays and catalog text, so the perceived attribute is evidence (and
+    answers learn to state it) exactly as the server's prompts will list it."""
+    cfg, run, _ = trained
+    catalog = load_catalog(run.catalog)
+    prepared = load_from_disk(str(run.examples / "stage2")).to_list()
+    unsure = {r["song_id"]: [("mood", "glassy", 0.5)] for r in prepared}  # below min_perceived_confidence (0.8)
+    assert stage2_reasons(cfg, run, catalog, unsure) == prepared
+    sure = {r["song_id"]: [("mood", "glassy", 0.97)] for r in prepared}
+    rebuilt = stage2_reasons(cfg, run, catalog, sure)
+    assert len(rebuilt) == len(prepared)
+    perceived = Evidence("perceived", "glassy", confidence=0.97, attribute="mood")
+    with_it = 0
+    for old, new in zip(prepared, rebuilt):
+        assert (new["user_id"], new["song_id"], new["timestamp"]) == (old["user_id"], old["song_id"], old["timestamp"])
+        items = _evidence(new)
+        # Same plays, same catalog text: every other item is prepare's, in prepare's order, up to the item cap.
+        assert [e for e in items if e.kind != "perceived"] == _evidence(old)[:len(items) - (perceived in items)]
+        assert perceived in items or len(items) == cfg.prompt.evidence_items
+        if perceived in items:
+            with_it += 1
+            assert 'mood (perceived, 97%): "glassy"' in new["prompt"]
+        assert len(new["history_timestamps"]) == len(new["history_song_ids"]) > 0
+    assert with_it > len(rebuilt) // 2
+    assert any("glassy" in r["answer"] for r in rebuilt) and not any("glassy" in r["answer"] for r in prepared)
