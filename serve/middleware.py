@@ -75,10 +75,12 @@ class BodyLimit:
 
 class LoadShed:
     """ASGI middleware, outermost: while a kind of work an API call needs (embedding, generation) already has
-    `serve.max_queue` items queued, or more work queued than its wait budget (`serve.max_embed_queue_wait_s`,
+    `serve.max_queue` items queued, or more work waiting than its wait budget (`serve.max_embed_queue_wait_s`,
     `serve.max_generate_queue_wait_s`), refuse the call with 503 + Retry-After (the expected wait, at least 1 s)
-    before its body is read, parsed or authenticated. Under overload most calls are refused, and refusing them at the
-    door leaves the event loop's time to the calls it serves."""
+    before its body is read, parsed or authenticated. A call let in counts as waiting work until it has queued its
+    work (`BatchedEngine.admission`), so a burst cannot all pass the door while the queue is still short. Under
+    overload most calls are refused, and refusing them at the door leaves the event loop's time to the calls it
+    serves."""
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
@@ -92,7 +94,10 @@ class LoadShed:
             busy = error(503, f"server busy: {why}; retry later",
                          headers={"Retry-After": str(batched.retry_after(ops))})
             return await busy(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if not ops:
+            return await self.app(scope, receive, send)
+        with batched.admission(ops):
+            return await self.app(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):

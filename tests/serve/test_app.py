@@ -504,3 +504,25 @@ def test_slow_requests_time_out_with_504(state):
     some = state.index.song_ids[0]
     with client_for(state, engine=SlowEngine(state.engine, 0.5), request_timeout_s=0.1) as c:
         err(c.post("/v1/embeddings", json={"input": some}), 504, None, "within 0.1s")
+
+
+class AdmissionProbe(SlowEngine):
+    """Records, inside the engine, how many admitted requests had not queued their embedding yet."""
+
+    def __init__(self, engine, batched_of):
+        super().__init__(engine, 0.0)
+        self.batched_of, self.seen = batched_of, []
+
+    def embed(self, items):
+        self.seen.append(self.batched_of().admitted["embed"])
+        return super().embed(items)
+
+
+def test_a_request_stops_counting_as_waiting_once_its_embedding_is_queued(state):
+    """The door's `Admission` reaches the endpoint through Starlette's middleware tasks: by the time the engine
+    embeds a request's song, that request no longer counts as admitted-not-queued, and nothing is left counted."""
+    some = state.index.song_ids[0]
+    probe = AdmissionProbe(state.engine, lambda: state.batched)
+    with client_for(state, engine=probe, max_batch=1) as c:
+        assert c.post("/v1/embeddings", json={"input": some}).status_code == 200
+        assert probe.seen == [0] and not any(state.batched.admitted.values())

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -499,7 +500,34 @@ def test_the_door_refuses_work_that_would_wait_past_its_budget():
 
     refused, wait, retry, other, after = run(main())
     assert wait >= 16 / 40  # at least 16 items queued at no more than 40 items/s
-    assert "embed items queued, about" in refused and "serve.max_embed_queue_wait_s=0.3" in refused
+    assert "embed items waiting, about" in refused and "serve.max_embed_queue_wait_s=0.3" in refused
     assert retry == max(1, int(-(-wait // 1)))
     assert other is None and after is None and be.shed == 1
+    be.close()
+
+
+def test_requests_past_the_door_count_as_waiting_until_their_work_is_queued():
+    """A burst admitted while the queue was short is still being read and parsed: each of its requests counts as
+    one waiting item of every kind of work it needs until it queues that work, so the door refuses the next one."""
+    engine = TimedEngine(delay=0.05)
+    be = BatchedEngine(engine, max_batch=2, max_wait_s=0.0, max_queue=1000, timeout_s=10,
+                       max_queue_wait_s={"embed": 0.3, "generate": 0})
+
+    async def main():
+        for _ in range(4):  # the engine's rate: at most 40 items/s
+            await be.embed(["a", "b"])
+        with be.admission(["embed", "generate"]):
+            during = be.waiting("embed"), be.waiting("generate")
+            await be.embed(["a"])  # its embedding is queued (and done): it no longer counts
+            after_embed = be.admitted["embed"], be.admitted["generate"]
+        with ExitStack() as burst:
+            for _ in range(16):  # 16 requests past the door, none queued yet: 16 / 40 items/s > 0.3 s
+                burst.enter_context(be.admission(["embed"]))
+            refused = be.admit(["embed"])
+        return during, after_embed, refused, be.admit(["embed"]), dict(be.admitted)
+
+    during, after_embed, refused, after_burst, left = run(main())
+    assert during == (1, 1) and after_embed == (0, 1)
+    assert refused is not None and refused.startswith("16 embed items waiting")
+    assert after_burst is None and not any(left.values())
     be.close()
