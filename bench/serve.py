@@ -2,6 +2,7 @@
 
     python bench/serve.py [--quick] [--engines hf,vllm] [--seconds S] [--concurrency 1,8,32]
                           [--hidden 128 --layers 2] [--run-dir DIR] [--reasons-in-flight N]
+    python bench/serve.py --verified-reasons 8 [--reason-samples N] [--engines hf,vllm] [--run-dir DIR]
 
 Without --run-dir it builds, in a temporary directory, the quick synthetic catalog with random media features and
 an untrained tiny bundle (`testkit.tiny_bundle`; `--hidden/--layers` make the backbone wider), builds the index
@@ -14,6 +15,9 @@ each for `--seconds` at every concurrency level (closed loop: each client sends 
 one is answered; after a 503 it first waits the Retry-After the server sent, unless --ignore-retry-after). With
 `--reasons-in-flight N`, N reason clients (unreported) run alongside every embeddings level: embedding latency
 while generation is busy.
+With `--verified-reasons C`, instead: `POST /v1/recommendations` (k = 10, a reason each) at concurrency C on two
+servers per engine, `serve.reason_samples=1` (the greedy reason only) and `--reason-samples` (default: the config's),
+and the ratio of their p50s: what checking reasons and writing more than one costs.
 The clients are aiohttp sessions: with httpx, one client process on these 2 shared cores could not keep 192
 connections going (measured: client p50 6.3 s against the server's own 2.1 s at c=192; with aiohttp the two agree).
 Reported: requests/s, p50/p99 latency of the answered requests as the client sees them, the server's own p50 (door
@@ -48,6 +52,8 @@ from llmrec.config import load_config  # noqa: E402
 from llmrec.io import RunDir  # noqa: E402
 
 ANSWER_BUDGETS = (8, 32, 96)
+RECOMMENDATIONS_K = 10
+RECOMMENDATION_REASON_TOKENS = 48  # serve.max_new_tokens' default
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -179,6 +185,9 @@ def make_request(kind: str, ids: list[str], rng: random.Random) -> tuple[str, di
     if kind == "embeddings":
         return "/v1/embeddings", {"input": [rng.choice(ids)]}
     history = rng.sample(ids, rng.randint(1, 5))
+    if kind == "recommendations":  # top 10 with a reason each, at the server's default answer length
+        return "/v1/recommendations", {"history": history, "k": RECOMMENDATIONS_K, "reasons": True,
+                                       "max_new_tokens": RECOMMENDATION_REASON_TOKENS}
     return "/v1/explanations", {"history": history, "song_id": rng.choice(ids),
                                 "max_new_tokens": rng.choice(ANSWER_BUDGETS)}
 
@@ -208,7 +217,7 @@ async def load(url: str, kind: str, ids: list[str], concurrency: int, seconds: f
                 latencies.append(dt)
                 if kind == "embeddings":
                     prompt_tokens.append(data["usage"]["prompt_tokens"])
-                else:
+                elif kind == "reasons":
                     tokens += len(tokenizer(data["reason"], add_special_tokens=False).input_ids)
             elif code == 503 and honour_retry_after:  # as a well-behaved client does (and no later than the end)
                 wait = float(retry_after or 1)
@@ -268,6 +277,35 @@ def bench_engine(run: RunDir, engine: str, levels: list[int], seconds: float, to
         server.stop()
 
 
+def bench_verified_reasons(run: RunDir, engine: str, levels: list[int], seconds: float, tokenizer, ids: list[str],
+                           startup_timeout: float, overrides: list[str], samples: int) -> dict:
+    """`/v1/recommendations` (k = 10, a reason each) on two servers, one after the other: `serve.reason_samples=1`
+    (the greedy reason alone; the closest to the unverified reasons before evidence checking, whose evidence
+    building and claim check cost microseconds beside generation) and `serve.reason_samples=samples` (the greedy
+    reason and samples - 1 sampled ones, the first whose claims all hold returned). Returns both levels' results and
+    the p50 ratio per concurrency."""
+    out: dict = {}
+    for n in sorted({1, samples}):
+        server = Server(run, engine, free_port(), run.root / f"server-{engine}-samples{n}.log",
+                        [*overrides, f"serve.reason_samples={n}"])
+        try:
+            server.wait(startup_timeout)
+            asyncio.run(load(server.url, "recommendations", ids, 1, 1.0, tokenizer, seed=99))  # warm-up
+            out[n] = {}
+            for c in levels:
+                res = asyncio.run(load(server.url, "recommendations", ids, c, seconds, tokenizer, seed=c))
+                out[n][c] = res
+                print(f"  {engine:5s} recommendations reason_samples={n} c={c:<3d} {res['rps']:6.2f} req/s  "
+                      f"p50 {res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  errors {res['errors'] or 0}",
+                      flush=True)
+        finally:
+            server.stop()
+    ratio = {c: round(out[samples][c]["p50_ms"] / out[1][c]["p50_ms"], 3) for c in levels}
+    return {"levels": {f"samples{n}_c{c}": {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "errors")}
+                       for n, by_c in out.items() for c, r in by_c.items()},
+            "p50_verified_over_greedy_only": {f"c{c}": v for c, v in ratio.items()}}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main() -> int:
@@ -286,6 +324,11 @@ def main() -> int:
                     help="clients resend at once after a 503 instead of waiting Retry-After (a hostile overload)")
     ap.add_argument("--reasons-in-flight", type=int, default=0, metavar="N",
                     help="N reason clients run alongside each embeddings level (embedding latency under generation)")
+    ap.add_argument("--verified-reasons", metavar="C1,C2",
+                    help="instead of the embeddings/reasons levels: /v1/recommendations (k = 10 with reasons) at "
+                         "these concurrencies, with serve.reason_samples=1 vs --reason-samples, p50 ratio")
+    ap.add_argument("--reason-samples", type=int, default=None,
+                    help="reasons written per candidate for --verified-reasons (default: serve.reason_samples)")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -303,6 +346,15 @@ def main() -> int:
         params = lm_params(run)
         print(f"bundle: {params / 1e6:.2f}M LM parameters (GEMM), {len(ids)} songs; {seconds:g} s per level; "
               f"GEMM bound bf16 {bounds['bf16'] / 1e9:.1f} GFLOP/s, fp32 {bounds['fp32'] / 1e9:.1f} GFLOP/s")
+        if args.verified_reasons:
+            samples = args.reason_samples or load_config().serve.reason_samples
+            rec_levels = [int(c) for c in args.verified_reasons.split(",")]
+            verified = {e: bench_verified_reasons(run, e, rec_levels, seconds, tokenizer, ids, args.startup_timeout,
+                                                  args.serve_set, samples) for e in engines}
+            print(json.dumps({"lm_params": params, "songs": len(ids), "seconds_per_level": seconds,
+                              "reason_samples": samples, "engines": verified,
+                              "load_average_1min": round(os.getloadavg()[0], 2)}))
+            return 0
         results = {e: bench_engine(run, e, levels, seconds, tokenizer, ids, args.startup_timeout, args.serve_set,
                                    honour_retry_after=not args.ignore_retry_after,
                                    reasons_in_flight=args.reasons_in_flight) for e in engines}
