@@ -280,7 +280,7 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     from llmrec.perception import load_perceived
     from llmrec.schema import load_song_attributes
     from llmrec.split import positive_plays
-    from serve.reasons import ReasonWriter
+    from serve.reasons import ROUNDS, ReasonWriter
 
     # Every key of the section is always there (None when not measured), so readers need no special cases.
     empty = {**reason_metrics([], [], []), "latency_ms_per_reason": None, "samples": [],
@@ -316,20 +316,29 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
     engine = HFEngine(bundle, cfg.serve)
     features = load_media_features(run.features)
     load_s = time.perf_counter() - t0
-    requests = [r for p in plans for r in p.requests]
-    texts, gen_s = generate_reasons(engine, features, requests, cfg.eval.reasons_max_new_tokens,
-                                    batch_size=GEN_BATCH, max_length=cfg.train.max_length)
-    k = writer.samples
-    served = [writer.finish(p, texts[i * k:(i + 1) * k])[0] for i, p in enumerate(plans)]
-    greedy = [(i, texts[i * k]) for i in range(len(plans)) if texts[i * k] is not None]
+    # The endpoint's rounds (greedy answers, then samples where `serve.reason_sampling` asks), batched across cases.
+    answers: list[list[str | None]] = [[None] * len(p.requests) for p in plans]
+    rounds = [writer.rounds(p, a) for p, a in zip(plans, answers)]
+    gen_s = 0.0
+    for _ in range(ROUNDS):
+        wanted = [(j, i) for j, r in enumerate(rounds) for i in next(r)]
+        out, seconds = generate_reasons(engine, features, [plans[j].requests[i] for j, i in wanted],
+                                        cfg.eval.reasons_max_new_tokens, batch_size=GEN_BATCH,
+                                        max_length=cfg.train.max_length)
+        gen_s += seconds
+        for (j, i), text in zip(wanted, out):
+            answers[j][i] = text
+    served = [writer.finish(p, a)[0] for p, a in zip(plans, answers)]
+    greedy = [(i, a[0]) for i, a in enumerate(answers) if a[0] is not None]
+    generated = sum(t is not None for a in answers for t in a)
     returned = [r.text for r in served]
     claims = truth.check(returned)
     if progress:
-        print(f"  reasons: {len(texts)} answers generated in {gen_s:.1f}s (+{load_s:.1f}s loading)")
+        print(f"  reasons: {generated} answers generated in {gen_s:.1f}s (+{load_s:.1f}s loading)")
     greedy_claims = [truth.checker.check(t, truth.facts[i], truth.titles[i], truth.candidate_titles[i])
                      for i, t in greedy]
     samples = [{"user": c.user_id, "song": c.song_id, "history": h, "reason": r.text, "verified": r.verified,
-                "reason_source": r.source, "model_greedy": texts[i * k], "claims": _claims_json(cl),
+                "reason_source": r.source, "model_greedy": answers[i][0], "claims": _claims_json(cl),
                 "evidence": [e.as_json() for e in r.evidence]}
                for i, (c, h, r, cl) in enumerate(zip(cases[:N_SAMPLES], shown, served, claims))]
     prompts = [p.cases[0][0] for p in plans]
@@ -341,6 +350,7 @@ def evaluate_reasons(cfg, run, catalog, train_df: pd.DataFrame, test_df: pd.Data
             "prompt_dependence": dependence,
             "latency_ms_per_reason": 1000 * gen_s / len(plans),
             "max_new_tokens": cfg.eval.reasons_max_new_tokens, "batch_size": GEN_BATCH,
-            "prompts_too_long": sum(t is None for t in texts[::k]),
+            "prompts_too_long": sum(a[0] is None for a in answers),
+            "answers_generated_per_reason": generated / len(plans),
             "seconds": {"load": round(load_s, 2), "generate": round(gen_s, 2)},
             "samples": samples}

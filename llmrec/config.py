@@ -196,9 +196,12 @@ class ServeConfig:
     embed_burst: int = 4
     max_new_tokens: int = 48  # reason length
     # Verified reasons (serve/reasons.py): the greedy reason plus `reason_samples - 1` sampled at this temperature
-    # are checked against the evidence; the first that holds is returned, else the plain evidence sentence.
+    # are checked against the evidence; the verified one with the most claims is returned, else the plain evidence
+    # sentence. `reason_sampling`: "when_unverified" writes the sampled ones only for candidates whose greedy
+    # reason fails the check (a second generation round for those alone); "always" writes them for every candidate.
     reason_samples: int = 2
     reason_temperature: float = 0.8
+    reason_sampling: str = "when_unverified"
     max_top_k: int = 100  # /v1/recommendations: largest k a client may ask for
     max_upload_bytes: int = 4 * 1024 * 1024  # per audio/cover upload (decoded size)
     ivf_nlist: int = 0  # IVF cells (0 = 4 * sqrt(songs)); an IVF index needs at least that many songs to train

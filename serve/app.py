@@ -109,12 +109,13 @@ async def reasons_for(state: ServerState, history: list[str], song_ids: list[str
     # A prompt the model's context cannot hold (+ the answer) is not generated: that candidate gets the plain
     # evidence sentence instead of failing the whole request.
     room = state.engine.max_positions - max_new_tokens
-    fits = [i for i, (prompt, _) in enumerate(plan.requests) if prompt_tokens(state, prompt.text) <= room]
-    state.reasons.counts["prompt_too_long"] += len(plan.requests) - len(fits)
-    items = [state.inputs.reason_input(*plan.requests[i]) for i in fits]
     texts: list[str | None] = [None] * len(plan.requests)
-    for i, text in zip(fits, await state.batched.generate(items, max_new_tokens)):
-        texts[i] = text
+    for wanted in state.reasons.rounds(plan, texts):  # greedy answers, then samples where they are needed
+        fits = [i for i in wanted if prompt_tokens(state, plan.requests[i][0].text) <= room]
+        state.reasons.counts["prompt_too_long"] += len(wanted) - len(fits)
+        items = [state.inputs.reason_input(*plan.requests[i]) for i in fits]
+        for i, text in zip(fits, await state.batched.generate(items, max_new_tokens) if items else ()):
+            texts[i] = text
     return state.reasons.finish(plan, texts)
 
 

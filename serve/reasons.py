@@ -3,7 +3,10 @@
 For each (listener, candidate): the evidence (`llmrec.evidence`) is listed in the stage-2 prompt; the engine writes
 the greedy reason and `serve.reason_samples - 1` sampled ones (seeded per candidate, so a response is
 reproducible); the claim checker (`llmrec.claims`) reads every claim of each against the evidence the prompt
-showed, and the first one whose claims all hold is returned (`verified: true`, `reason_source: "model"`). When none
+showed, and the verified one with the most claims is returned (`verified: true`, `reason_source: "model"`). By
+default (`serve.reason_sampling: when_unverified`) generation runs in two rounds (`ReasonWriter.rounds`): every
+candidate's greedy reason, then the sampled ones only for the candidates whose greedy reason failed the check, so
+a response pays for extra answers only where they can change what is returned. When none
 holds, the plain evidence sentence is returned instead (`"evidence"`), and a candidate with no evidence at all gets
 an honest generic sentence (`"generic"`, `verified: false`), never an invented one.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -20,6 +23,9 @@ from llmrec.claims import ClaimChecker, ServedReason, choose_reason
 from llmrec.config import Config
 from llmrec.evidence import Evidence, EvidenceBuilder, reason_prompt
 from llmrec.text import Prompt
+
+REASON_SAMPLING = ("when_unverified", "always")
+ROUNDS = 2  # generation rounds `ReasonWriter.rounds` yields
 
 
 class ReasonWriter:
@@ -29,6 +35,9 @@ class ReasonWriter:
     def __init__(self, cfg: Config, songs: Mapping[str, Any], plays: pd.DataFrame | None,
                  perceived: Mapping[str, Sequence[tuple[str, str, float]]] | None = None,
                  extra_vocabulary: Mapping[str, Sequence[str]] | None = None):
+        if cfg.serve.reason_sampling not in REASON_SAMPLING:
+            raise ValueError(f"serve.reason_sampling {cfg.serve.reason_sampling!r}: choose one of "
+                             + ", ".join(repr(c) for c in REASON_SAMPLING))
         self.cfg = cfg
         self.counts: Counter = Counter()  # reasons returned by source (the server's /metrics)
         self.builder = EvidenceBuilder(songs, plays, perceived, cfg.prompt)
@@ -68,11 +77,30 @@ class ReasonWriter:
         self.counts.update(r.source for r in out)
         return out
 
+    def rounds(self, plan: ReasonPlan, texts: list[str | None]) -> Iterator[list[int]]:
+        """The indices of `plan.requests` to generate, in exactly `ROUNDS` rounds (a round may be empty); the
+        caller puts each round's answers into `texts` (one slot per request, None = not generated) before asking
+        for the next. "always": every request at once. "when_unverified": each candidate's greedy answer, then the
+        sampled ones of the candidates whose greedy answer was generated but is not returned as verified."""
+        n = self.samples
+        if self.cfg.serve.reason_sampling == "always":
+            yield list(range(len(plan.requests)))
+            yield []
+            return
+        yield list(range(0, len(plan.requests), n))
+        yield [i * n + j for i, ((p, ev), sid) in enumerate(zip(plan.cases, plan.song_ids))
+               if n > 1 and texts[i * n] is not None and self.choose(p, ev, sid, [texts[i * n]]).source != "model"
+               for j in range(1, n)]
+
     def write(self, history: Sequence[str], song_ids: Sequence[str], user: str | None,
               generate: Callable[[list[tuple[Prompt, int | None]]], Sequence[str | None]]) -> list[ServedReason]:
         """Reasons for `song_ids` through a synchronous `generate([(prompt, seed)]) -> texts`."""
         plan = self.plan(history, song_ids, user)
-        return self.finish(plan, list(generate(plan.requests)))
+        texts: list[str | None] = [None] * len(plan.requests)
+        for wanted in self.rounds(plan, texts):
+            for i, text in zip(wanted, generate([plan.requests[i] for i in wanted]) if wanted else ()):
+                texts[i] = text
+        return self.finish(plan, texts)
 
 
 @dataclass

@@ -297,6 +297,7 @@ def test_section_scores_what_the_endpoint_returns(tiny_run, synthetic_catalog, m
     assert g["faithfulness"] == 0.0 and g["hallucination_rate"] == 1.0
     assert g["by_kind"] == {"perceived": {"n": 4, "faithfulness": 0.0}}
     assert r["latency_ms_per_reason"] == pytest.approx(8.0)  # two answers per returned reason
+    assert r["answers_generated_per_reason"] == 2.0  # every greedy answer failed: each candidate was sampled
     assert r["samples"][0]["reason"].startswith("It is a ") and r["samples"][0]["reason_source"] == "model"
 
 

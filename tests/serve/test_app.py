@@ -224,15 +224,17 @@ def test_a_reason_prompt_over_the_context_gets_the_evidence_sentence_not_an_erro
     resp = client.post("/v1/recommendations", json={"user_id": user, "k": 2, "max_new_tokens": 4})
     assert resp.status_code == 200, resp.text
     assert {i["reason_source"] for i in resp.json()["data"]} <= {"evidence", "generic"}
-    assert state.reasons.counts["prompt_too_long"] == before + 2 * state.reasons.samples
+    # one greedy answer per candidate was not generated; no samples are tried after a greedy answer that was not
+    assert state.reasons.counts["prompt_too_long"] == before + 2
     assert 'llmrec_reasons_total{source="prompt_too_long"}' in client.get("/metrics").text
 
 
 def served_reason(state, history, song_id, max_new_tokens, user):
     """What serve/reasons.py returns for one candidate, computed here from direct engine calls."""
-    plan = state.reasons.plan(history, [song_id], user)
-    texts = state.engine.generate([state.inputs.reason_input(p, seed) for p, seed in plan.requests], max_new_tokens)
-    return state.reasons.finish(plan, texts)[0]
+    def generate(requests):
+        return state.engine.generate([state.inputs.reason_input(p, seed) for p, seed in requests], max_new_tokens)
+
+    return state.reasons.write(history, [song_id], user, generate)[0]
 
 
 def test_new_song_added_to_the_index_without_rebuild(client, state, serve_run):
