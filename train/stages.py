@@ -328,7 +328,7 @@ def stage2_reasons(cfg: Config, run: RunDir, catalog, perceived: dict[str, list[
     return rows
 
 
-def train_perception(cfg: Config, run: RunDir, catalog, features) -> PerceptionHeads | None:
+def train_perception(cfg: Config, run: RunDir, catalog, features, save: bool = True) -> PerceptionHeads | None:
     """Fit and save the perception heads (`llmrec.perception`) on the training songs' attribute labels, where the
     catalog has labels (the synthetic one); None without labels. Only the frozen encoders' features go in, so they
     are fitted before stage 1, and stage 2's reasons can state what they perceive."""
@@ -341,7 +341,7 @@ def train_perception(cfg: Config, run: RunDir, catalog, features) -> PerceptionH
     split = split_catalog(catalog, cfg.eval.split, cfg.eval.valid_days)
     train_ids = set(catalog.songs["song_id"].astype(str)) - set(split.cold_songs)
     heads = fit_perception(features, labels, train_ids, cfg.seed, cfg.prompt.min_perceived_confidence)
-    if heads is not None:
+    if heads is not None and save:
         heads.save(run.model / "perception")
     return heads
 
@@ -366,7 +366,8 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     collate = MultimodalCollator(tokenizer, features, model.cfg.audio_tokens, model.cfg.cover_tokens,
                                  cfg.train.max_length, text_features)
     prompts = item_prompts(catalog.songs, tokenizer, model.cfg, cfg.train.max_length, cfg.prompt.song_budget)
-    heads = train_perception(cfg, run, catalog, features)
+    # Every rank fits the same heads (seeded) for its stage-2 examples; rank 0 alone saves them.
+    heads = train_perception(cfg, run, catalog, features, save=accelerator.is_main_process)
     perceived = heads.predict(pooled_features(features)) if heads is not None else {}
     s1 = stage1(cfg, run, model, collate, accelerator, progress)
     s2 = stage2(cfg, run, model, collate, prompts, accelerator, progress,
