@@ -306,24 +306,32 @@ def encode_text_chunk(texts: list[str], encoder: str) -> np.ndarray:
 def encode_texts_on_ray(texts: list[str], encoder: str, workers: int, chunk_size: int | None = None,
                         progress: bool = True) -> np.ndarray:
     """`encode_texts` over Ray tasks of `chunk_size` texts, rows in input order, with a progress bar (and ETA)
-    per finished chunk. By default chunks are at most 1024 texts and at least 4 per worker, so that a small
+    per finished chunk. By default chunks are at most 1024 texts and at least 8 per worker, so that a small
     catalogue still spreads over every worker. Only for `minilm`: TF-IDF fits one vocabulary over the whole
-    corpus, so it stays in one process."""
+    corpus, so it stays in one process.
+
+    Chunks are cut from the texts sorted longest first and submitted in that order. The sentence encoder pads a
+    batch to its longest text and sorts by length within one call, which a single process gets over the whole
+    corpus; sorted chunks give each Ray task the same short-padding batches, and longest-first submission leaves
+    the shortest chunks for the end, so the workers finish close together."""
     if encoder != "minilm":
         raise ValueError(f"text features on Ray need features.text_encoder=minilm, not {encoder!r} (TF-IDF is fitted "
                          "on the whole corpus at once)")
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    size = chunk_size or max(1, min(1024, -(-len(texts) // (4 * workers))))
-    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    size = chunk_size or max(1, min(1024, -(-len(texts) // (8 * workers))))
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # stable: equal lengths keep input order
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
     out: list[np.ndarray | None] = [None] * len(chunks)
     with ray_session(workers) as ray, tqdm(total=len(texts), unit="text", desc="text features (ray)",
                                            disable=not progress) as bar:
         remote = ray.remote(num_cpus=1, max_retries=2)(encode_text_chunk)
-        pending = {remote.remote(chunk, encoder): i for i, chunk in enumerate(chunks)}
+        pending = {remote.remote([texts[i] for i in chunk], encoder): k for k, chunk in enumerate(chunks)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            out[i] = ray.get(done[0])
-            bar.update(len(chunks[i]))
-    return np.concatenate(out).astype(np.float32, copy=False)
+            k = pending.pop(done[0])
+            out[k] = ray.get(done[0])
+            bar.update(len(chunks[k]))
+    vecs = np.empty((len(texts), out[0].shape[1]), dtype=np.float32)
+    vecs[order] = np.concatenate(out)  # back to input order
+    return vecs
