@@ -161,6 +161,12 @@ class TrainConfig:
     # or `catalog` (every training song's CF factor: one [batch, songs] product, all songs - 1 negatives).
     cf_negatives: str = "batch"
     modality_dropout: float = 0.15  # stage 2: share of audio/cover rows shown as missing (llmrec.model.collate)
+    # Stage 2b (train/head_refit.py): the embedding and ID-mapping heads refitted on every training song's cached
+    # backbone state after stage 2, which shows them only batch_size songs a step. 0 epochs = off; a tenth of the
+    # training songs is held out to stop early.
+    head_refit_epochs: int = 50
+    head_refit_lr: float = 1e-3
+    head_refit_batch_size: int = 256
     gradient_checkpointing: bool = False
     # Strategy: null = one process or DDP (whatever the launcher started); a DeepSpeed JSON config selects ZeRO
     # (train/configs/zero2.json, zero3.json, zero3_offload.json; their "auto" values are filled from this section).

@@ -1,6 +1,7 @@
 """`llmrec train`: stage 0 (tiny preset: backbone pretraining on catalog text), stage 1 (projector alignment on
 captions, LLM frozen), stage 2 (LoRA + projectors + heads: reasons + contrastive song<->CF and song<->co-listened),
-then export of the song embeddings and the serving bundle.
+stage 2b (the heads alone, refitted on every training song's cached backbone state: train/head_refit.py), then
+export of the song embeddings and the serving bundle.
 
 Each stage is a short recipe over `train.loop.fit`; each writes its own directory under `runs/<name>/model/` and is
 skipped when that directory is complete, so a re-run resumes at the first unfinished stage.
@@ -25,7 +26,7 @@ from llmrec.config import Config
 from llmrec.features import load_media_features, load_text_features
 from llmrec.io import RunDir, atomic_dir, atomic_path, atomic_write_json
 from llmrec.model.backbone import build_tiny_llama, load_backbone, resolve_dtype, train_bpe_tokenizer
-from llmrec.model.collate import MultimodalCollator, drop_modalities
+from llmrec.model.collate import MultimodalCollator, drop_modalities, embedding_rows
 from llmrec.model.losses import catalog_info_nce, info_nce
 from llmrec.model.mm_lm import MMConfig, MultimodalLM, item_prompt
 from llmrec.perception import PerceptionHeads, fit_perception, pooled_features
@@ -33,6 +34,7 @@ from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
 from train.distributed import backbone_hidden_size, build_accelerator, enable_gradient_checkpointing
 from train.export import export_bundle
+from train.head_refit import head_inputs, refit_heads
 from train.loop import StepSampler, fit
 
 EMBEDDINGS = "embeddings.safetensors"
@@ -135,11 +137,6 @@ def fused_text_features(cfg: Config, run: RunDir):
         return None
     text = load_text_features(run.require(run.features, "features"))
     return text if text.encoder == "minilm" else None
-
-
-def embedding_rows(prompts: dict[str, str], song_ids: list[str]) -> list[dict]:
-    """Collator rows for song-embedding prompts: each song's own audio, cover and text features."""
-    return [{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s], "text_song_id": s} for s in song_ids]
 
 
 def _lm_loss_fn(model: MultimodalLM, rows, collate: MultimodalCollator, sampler: StepSampler):
@@ -258,28 +255,12 @@ def stage2(cfg: Config, run: RunDir, model: MultimodalLM, collate, prompts: dict
 ABLATIONS = {"text": ("audio", "cover"), "text+audio": ("cover",), "text+cover": ("audio",)}
 
 
-@torch.no_grad()
 def song_embeddings(model: MultimodalLM, collate, prompts: dict[str, str], batch_size: int = 32,
                     drop: tuple[str, ...] = (), progress: bool = False):
-    """Embeddings of every song in `prompts`; modalities named in `drop` are shown as missing. `progress`: a bar
-    with an ETA (SmolLM2 embeds about 5-15 songs/s on 2 CPU cores: minutes for a real catalogue)."""
-    model.eval()
-    ids = list(prompts)
-    out = []
-    desc = "song embeddings" + (f" without {'+'.join(drop)}" if drop else "")
-    bar = tqdm(total=len(ids), desc=desc, unit="song", disable=not progress)
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i : i + batch_size]
-        batch = collate(embedding_rows(prompts, chunk))
-        media = batch["media"]
-        if "audio" in drop:
-            media.audio_present = torch.zeros_like(media.audio_present)
-        if "cover" in drop:
-            media.cover_present = torch.zeros_like(media.cover_present)
-        out.append(model.embed(batch["input_ids"], batch["attention_mask"], media))
-        bar.update(len(chunk))
-    bar.close()
-    return ids, torch.cat(out)
+    """(song ids, unit embeddings) of every song in `prompts`; modalities named in `drop` are shown as missing."""
+    inputs = head_inputs(model, collate, prompts, batch_size, drop, progress)
+    with torch.no_grad():
+        return inputs.song_ids, inputs.embeddings(model)
 
 
 def save_embeddings(path: Path, song_ids: list[str], emb: torch.Tensor) -> None:
@@ -375,8 +356,13 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     if not accelerator.is_main_process:  # multi-process run: rank 0 alone saves, embeds and exports
         return {"rank": accelerator.process_index, "stage2 loss last": s2[-1]}
     out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)
-    ids, emb = song_embeddings(model, collate, prompts, progress=progress)
-    save_embeddings(run.model / EMBEDDINGS, ids, emb)
+    inputs = head_inputs(model, collate, prompts, progress=progress)
+    t = cfg.train
+    refit = (refit_heads(model, inputs, pairs.to_list(), t.head_refit_epochs, t.head_refit_lr,
+                         t.head_refit_batch_size, t.colisten_weight, t.temperature, cfg.seed, progress)
+             if t.head_refit_epochs else {"skipped": "train.head_refit_epochs is 0"})
+    with torch.no_grad():
+        save_embeddings(run.model / EMBEDDINGS, inputs.song_ids, inputs.embeddings(model))
     # Ablations only mean something when the catalog has media (lastfm-2k has none: each variant would be a
     # copy of the full embedding, and on its 17.6k artists each pass costs minutes).
     has_media = bool(features.audio_present.any()) or bool(features.cover_present.any())
@@ -386,11 +372,13 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
     bundle_hash = export_bundle(model, run.model / "bundle", {"preset": cfg.preset, "backbone": cfg.model.backbone})
     perception = heads.report() if heads is not None else {}
     summary = {"stage1_loss": [round(float(np.mean(s1[:5])), 3), round(float(np.mean(s1[-5:])), 3)],
-               "stage2_loss": [round(float(np.mean(s2[:5])), 3), round(float(np.mean(s2[-5:])), 3)]}
+               "stage2_loss": [round(float(np.mean(s2[:5])), 3), round(float(np.mean(s2[-5:])), 3)],
+               "head_refit": refit}
     if perception:
         summary["perception"] = perception
     atomic_write_json(run.model / "train_summary.json", summary)
     return {"model": str(out), "bundle": f"{run.model / 'bundle'} (hash {bundle_hash[:12]})",
             "perception": ", ".join(f"{a} {r['accuracy']:.2f}" for a, r in perception.items()) or "no labels",
             "embeddings": str(run.model / EMBEDDINGS),
-            "stage1 loss first->last": summary["stage1_loss"], "stage2 loss first->last": summary["stage2_loss"]}
+            "stage1 loss first->last": summary["stage1_loss"], "stage2 loss first->last": summary["stage2_loss"],
+            "heads refit (stage 2b)": refit}

@@ -12,6 +12,11 @@ from llmrec.model.mm_lm import IGNORE_INDEX, MediaBatch, expand_placeholders, pr
 IGNORE = IGNORE_INDEX  # label value that the causal-LM loss skips
 
 
+def embedding_rows(prompts: dict[str, str], song_ids: list[str]) -> list[dict]:
+    """Collator rows for song-embedding prompts: each song's own audio, cover and text features."""
+    return [{"prompt": prompts[s], "audio_song_ids": [s], "cover_song_ids": [s], "text_song_id": s} for s in song_ids]
+
+
 @dataclass
 class MultimodalCollator:
     """Turns example rows {prompt, answer?, audio_song_ids, cover_song_ids, text_song_id?} into model inputs.

@@ -140,8 +140,11 @@ class MultimodalLM(nn.Module):
 
         For item prompts each row carries exactly one audio and one cover group, so media rows align with rows.
         """
-        return self.head(self._at_embed_token(self._final_hidden(input_ids, attention_mask, media), input_ids,
-                                              attention_mask), media)
+        return self.head(self.embed_token_states(input_ids, attention_mask, media), media)
+
+    def embed_token_states(self, input_ids, attention_mask, media: MediaBatch | None = None) -> torch.Tensor:
+        """[N, H] the backbone's final hidden state at each prompt's last `<emb>` token: what the head reads."""
+        return self._at_embed_token(self._final_hidden(input_ids, attention_mask, media), input_ids, attention_mask)
 
     def _final_hidden(self, input_ids, attention_mask, media: MediaBatch | None) -> torch.Tensor:
         """[N, T, H] final (normed) hidden states of the decoder on the spliced prompts — no LM head, so no
@@ -194,19 +197,25 @@ class MultimodalLM(nn.Module):
 
         Split from `embed` so that a serving engine which computes the hidden states itself (vLLM's pooling runner
         returns the final hidden state of the last prompt token) applies exactly the same head."""
+        return self.embed_head(pooled.float(), *self.head_branch_inputs(pooled.shape[0], media))
+
+    def head_branch_inputs(self, n: int, media: MediaBatch | None) -> tuple[torch.Tensor | None, ...]:
+        """(audio, cover, sentence) inputs of the embedding head's late-fusion branches for `n` embedding prompts:
+        the pooled audio/cover summaries and the sentence-encoder rows (None where this model has no such branch).
+        They do not depend on the backbone, which is what lets `train.head_refit` cache them beside its states."""
         audio = cover = text = None
         if self.cfg.text_dim:
             text = None if media is None else media.text
-            if text is None or text.shape[0] != pooled.shape[0]:
+            if text is None or text.shape[0] != n:
                 raise ValueError(f"this model fuses {self.cfg.text_encoder or 'sentence'}-encoder features into the "
                                  f"embedding: give one MediaBatch.text row per embedding prompt")
             text = text.float()
         if self.cfg.late_fusion and media is not None:
-            if media.audio.shape[0] != pooled.shape[0] or media.cover.shape[0] != pooled.shape[0]:
+            if media.audio.shape[0] != n or media.cover.shape[0] != n:
                 raise ValueError("late fusion needs exactly one audio and one cover row per embedding prompt")
             audio = self.audio_proj.pooled(media.audio, media.audio_present)
             cover = self.cover_proj.pooled(media.cover, media.cover_present)
-        return self.embed_head(pooled.float(), audio, cover, text)
+        return audio, cover, text
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media: MediaBatch | None = None, max_new_tokens: int = 64,

@@ -98,6 +98,18 @@ def test_modality_ablation_embeddings_differ_from_the_full_model(trained):
         assert (ablated - full).abs().max() > 1e-3, variant  # hiding a modality changes the embedding
 
 
+def test_the_exported_heads_are_refitted_on_every_training_song(trained):
+    """Stage 2b ran on every song with a CF factor (32 training songs here: too few to hold a tenth out, so all
+    its epochs ran), and the bundle serves those heads: `test_bundle_reloads_with_identical_embeddings` re-embeds the
+    catalogue from the bundle and gets the saved embeddings."""
+    cfg, run, result = trained
+    refit = json.loads((run.model / "train_summary.json").read_text())["head_refit"]
+    assert refit == result["heads refit (stage 2b)"]
+    songs_with_factor = {r["song_id"] for r in load_from_disk(str(run.examples / "pairs"))}
+    assert refit["songs"] == len(songs_with_factor) > 8
+    assert refit["held_out_songs"] == 0 and refit["epochs_run"] == refit["best_epoch"] == cfg.train.head_refit_epochs
+
+
 def test_rerun_skips_finished_stages(trained):
     cfg, run, _ = trained
     stamp = (run.model / "stage0" / "model.safetensors").stat().st_mtime_ns
