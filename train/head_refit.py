@@ -25,6 +25,10 @@ from llmrec.model.mm_lm import MultimodalLM
 HELD_OUT_SHARE = 0.1
 MIN_HELD_OUT = 8  # fewer held-out songs than this make a noisy stopping rule: train the full epochs instead
 MAX_HELD_OUT = 4096  # enough for a stable stopping rule; more only costs time every epoch on a big catalogue
+# Training steps on a catalogue with more songs than this take this many random table rows as negatives (sampled
+# softmax) instead of all of them: at 85k songs the whole table made each step a [256, 85k] product. The held-out
+# loss always uses the whole table.
+MAX_TABLE_NEGATIVES = 16384
 PATIENCE = 5  # epochs without a better held-out loss before stopping
 
 
@@ -101,12 +105,18 @@ def _refit_data(inputs: HeadInputs, pairs: list[dict]) -> _RefitData:
 
 
 def _loss(model: MultimodalLM, inputs: HeadInputs, data: _RefitData, songs: torch.Tensor, colisten_weight: float,
-          temperature: float) -> torch.Tensor:
+          temperature: float, negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 2's song losses over the songs `songs` (indices into `data.rows`): each song's mapped embedding against
-    the whole CF table, plus InfoNCE between co-listened songs when both are in `songs`."""
+    the CF table, plus InfoNCE between co-listened songs when both are in `songs`. `negatives`: table rows to use
+    instead of the whole table (sampled softmax, for big catalogues); the batch's own rows are always in."""
     emb = inputs.embeddings(model, data.rows[songs])
     device = emb.device
-    loss = catalog_info_nce(model.id_head(emb), data.table.to(device), songs.to(device), temperature)
+    if negatives is None:
+        table, targets = data.table, songs
+    else:
+        negatives = negatives[~torch.isin(negatives, songs)]
+        table, targets = data.table[torch.cat([songs, negatives])], torch.arange(len(songs))
+    loss = catalog_info_nce(model.id_head(emb), table.to(device), targets.to(device), temperature)
     if colisten_weight and len(data.positives):
         where = torch.full((len(data.rows),), -1, dtype=torch.long)
         where[songs] = torch.arange(len(songs))
@@ -165,7 +175,9 @@ def refit_heads(model: MultimodalLM, inputs: HeadInputs, pairs: list[dict], epoc
             songs = perm[i: i + batch_size]
             if len(songs) < 2:
                 continue
-            loss = _loss(model, inputs, data, songs, colisten_weight, temperature)
+            negatives = (torch.randperm(n, generator=gen)[:MAX_TABLE_NEGATIVES] if n > MAX_TABLE_NEGATIVES
+                         else None)
+            loss = _loss(model, inputs, data, songs, colisten_weight, temperature, negatives)
             opt.zero_grad()
             loss.backward()
             opt.step()

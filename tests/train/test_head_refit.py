@@ -72,3 +72,24 @@ def test_songs_without_a_cf_factor_are_embedded_but_not_fitted():
 def test_too_few_songs_are_reported_not_fitted():
     model, (inputs, pairs) = _heads(), _catalogue(10)
     assert "nothing to refit" in _refit(model, inputs, pairs[:1])["skipped"]
+
+
+def test_sampled_negatives_cover_the_whole_table_when_given_every_row():
+    """The sampled-softmax path with every table row as a candidate is the whole-table loss (rows reordered)."""
+    from train.head_refit import _loss, _refit_data
+
+    model, (inputs, pairs) = _heads(), _catalogue(50)
+    data = _refit_data(inputs, pairs)
+    songs = torch.tensor([3, 7, 11, 20])
+    full = _loss(model, inputs, data, songs, 0.5, 0.1)
+    sampled = _loss(model, inputs, data, songs, 0.5, 0.1, negatives=torch.arange(50))
+    torch.testing.assert_close(sampled, full)
+
+
+def test_a_big_catalogue_trains_on_sampled_negatives(monkeypatch):
+    import train.head_refit as head_refit
+
+    monkeypatch.setattr(head_refit, "MAX_TABLE_NEGATIVES", 40)  # 300 songs: every step samples 40 of them
+    model, (inputs, pairs) = _heads(), _catalogue(300)
+    before, after = _refit(model, inputs, pairs)["held_out_loss"]
+    assert after < 0.8 * before
