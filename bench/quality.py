@@ -41,8 +41,9 @@ METRICS = ("recall@20", "ndcg@20", "tail_share@20", "new_share@20")
 ABLATION_MODELS = ("llmrec-text", "llmrec-text+audio", "llmrec-text+cover", "llmrec")
 # llmrec/mm2cf and hybrid/mm2cf-hybrid: what the LLM adds over exactly the features it is given (eval/rawfeatures.py);
 # llmrec-cf/mm2cf-cf the same under the CF user tower (not served)
+# llmrec/llmrec-no-lm: the same heads refitted on the same songs without the LM state (train/head_refit.py)
 RATIOS = (("llmrec", "best_cf"), ("hybrid", "best_cf"), ("llmrec", "text"), ("llmrec", "text2cf"),
-          ("llmrec", "mm2cf"), ("hybrid", "mm2cf-hybrid"), ("llmrec-cf", "mm2cf-cf"))
+          ("llmrec", "mm2cf"), ("hybrid", "mm2cf-hybrid"), ("llmrec-cf", "mm2cf-cf"), ("llmrec", "llmrec-no-lm"))
 
 
 def dataset_config(name: str, quick: bool, overrides: list[str] = (), preset: str = "small") -> Config:
@@ -278,11 +279,11 @@ def results_markdown(result: dict) -> str:
                 f"Command: `{d.get('command', '?')}`; generated {d.get('generated', '?')}, {d.get('seconds', 0):.0f} s."
                 + (f" {subset_note(d['subset'])}" if d.get("subset") else ""), "",
                 "| slice | best CF | best CF recall | text | text2cf | mm2cf | llmrec | mm2cf-hybrid | hybrid | "
-                "llmrec/best CF | hybrid/best CF | llmrec/text | llmrec/text2cf | llmrec/mm2cf | "
-                "hybrid/mm2cf-hybrid | llmrec-cf/mm2cf-cf |", "|---|---|" + "---:|" * 14]
+                + " | ".join(f"{a}/{'best CF' if b == 'best_cf' else b}" for a, b in RATIOS) + " |",
+                "|---|---|" + "---:|" * (7 + len(RATIOS))]
         for slice_name, s in d["slices"].items():
             if s.get("empty"):
-                out.append(f"| {slice_name} | (empty slice) |" + " |" * 14)
+                out.append(f"| {slice_name} | (empty slice) |" + " |" * (7 + len(RATIOS)))
                 continue
             rec = {m: v["recall@20"] for m, v in s["models"].items()}
             cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731

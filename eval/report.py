@@ -201,12 +201,13 @@ def headline(results: dict, per_user: dict, n_boot: int, seed: int) -> dict[str,
             continue
         pu = per_user[slice_name]
         entry: dict[str, Any] = {"metric": HEADLINE, "best_cf": cf, "models": {}, "differences": {}}
-        for m in (cf, "text", "mm2cf", "llmrec", "mm2cf-hybrid", "hybrid"):
+        for m in (cf, "text", "mm2cf", "llmrec", "llmrec-no-lm", "mm2cf-hybrid", "hybrid"):
             if m in pu:
                 entry["models"][m] = bootstrap_ci(pu[m], n=n_boot, seed=seed)
         # llmrec - mm2cf and hybrid - mm2cf-hybrid are what the LLM adds over the same features without it.
+        # llmrec - llmrec-no-lm: the same heads refitted without the LM state (train/head_refit.py).
         for a, b in (("text", cf), ("llmrec", cf), ("hybrid", cf), ("llmrec", "text"), ("llmrec", "mm2cf"),
-                     ("hybrid", "mm2cf-hybrid")):
+                     ("hybrid", "mm2cf-hybrid"), ("llmrec", "llmrec-no-lm")):
             if a in pu and b in pu:
                 entry["differences"][f"{a} - {b}"] = bootstrap_ci(pu[a], pu[b], n=n_boot, seed=seed)
         out[slice_name] = entry

@@ -13,15 +13,18 @@ carry over to songs without plays, which they never see. `train.head_refit_epoch
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from llmrec.model.collate import MultimodalCollator, embedding_rows
+from llmrec.model.heads import EmbeddingHead, IDMappingHead
 from llmrec.model.losses import catalog_info_nce, info_nce
 from llmrec.model.mm_lm import MultimodalLM
 
+NO_LM = "no-lm"  # the embeddings variant of the heads refitted without the LM state (`without_lm_state`)
 HELD_OUT_SHARE = 0.1
 MIN_HELD_OUT = 8  # fewer held-out songs than this make a noisy stopping rule: train the full epochs instead
 MAX_HELD_OUT = 4096  # enough for a stable stopping rule; more only costs time every epoch on a big catalogue
@@ -128,12 +131,34 @@ def _loss(model: MultimodalLM, inputs: HeadInputs, data: _RefitData, songs: torc
     return loss
 
 
-def refit_heads(model: MultimodalLM, inputs: HeadInputs, pairs: list[dict], epochs: int, lr: float,
+@dataclass
+class Heads:
+    """The two heads stage 2b fits, apart from a model (anything with these two attributes can be refitted)."""
+
+    embed_head: EmbeddingHead
+    id_head: IDMappingHead
+    lm_branch: bool = True  # False: the LM-state branch (`embed_head.text`) is zero and is not trained
+
+
+def without_lm_state(model: MultimodalLM | Heads) -> Heads:
+    """A copy of the model's heads whose LM-state branch is removed (zero, frozen): only the late-fused raw features
+    (audio, cover, sentence) reach the embedding. Refitted like the real heads, on the same songs and losses, it is
+    the strongest no-LLM counterpart of llmrec's embedding: same head, same training, no LLM (`llmrec-no-lm`)."""
+    heads = Heads(copy.deepcopy(model.embed_head), copy.deepcopy(model.id_head), lm_branch=False)
+    with torch.no_grad():
+        for p in heads.embed_head.text.parameters():
+            p.zero_()
+    heads.embed_head.text.requires_grad_(False)
+    return heads
+
+
+def refit_heads(model: MultimodalLM | Heads, inputs: HeadInputs, pairs: list[dict], epochs: int, lr: float,
                 batch_size: int, colisten_weight: float, temperature: float, seed: int,
                 progress: bool = False) -> dict:
     """Fit `model.embed_head` and `model.id_head` on the training songs' cached inputs (see the module docstring);
-    the best epoch's weights (lowest held-out loss) are left in the model. Returns what happened, for the train
-    summary: songs, epochs run, best epoch, held-out loss before and after."""
+    the best epoch's weights (lowest held-out loss) are left in the model; a removed LM branch (`Heads.lm_branch`
+    False) stays zero. Returns what happened, for the train summary: songs, epochs run, best epoch, held-out loss
+    before and after."""
     data = _refit_data(inputs, pairs)
     n = len(data.rows)
     if n < 2:
@@ -143,7 +168,8 @@ def refit_heads(model: MultimodalLM, inputs: HeadInputs, pairs: list[dict], epoc
     n_held = min(int(n * HELD_OUT_SHARE), MAX_HELD_OUT)
     held, fit_songs = (order[:n_held], order[n_held:]) if n_held >= MIN_HELD_OUT else (order[:0], order)
     heads = [model.embed_head, model.id_head]
-    params = [p for h in heads for p in h.parameters()]
+    frozen = set() if getattr(model, "lm_branch", True) else {id(p) for p in model.embed_head.text.parameters()}
+    params = [p for h in heads for p in h.parameters() if id(p) not in frozen]
     was_trainable = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)

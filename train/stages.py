@@ -34,7 +34,7 @@ from llmrec.schema import load_catalog
 from llmrec.text import build_embed_prompt
 from train.distributed import backbone_hidden_size, build_accelerator, enable_gradient_checkpointing
 from train.export import export_bundle
-from train.head_refit import head_inputs, refit_heads
+from train.head_refit import NO_LM, HeadInputs, head_inputs, refit_heads, without_lm_state
 from train.loop import StepSampler, fit
 
 EMBEDDINGS = "embeddings.safetensors"
@@ -268,6 +268,27 @@ def save_embeddings(path: Path, song_ids: list[str], emb: torch.Tensor) -> None:
         save_file({"embeddings": emb.float().contiguous()}, str(tmp), metadata={"song_ids": json.dumps(song_ids)})
 
 
+def _refit_heads_and_save(cfg: Config, run: RunDir, model: MultimodalLM, inputs: HeadInputs, pairs: list[dict],
+                          progress: bool) -> dict:
+    """Stage 2b on `model`'s heads, and the same refit on a copy without the LM-state branch (its embeddings are
+    saved as the `no-lm` variant, evaluated as `llmrec-no-lm`: what the LLM adds under the same head and training).
+    Writes the embeddings; returns the refit summaries."""
+    t = cfg.train
+    if not t.head_refit_epochs:
+        with torch.no_grad():
+            save_embeddings(run.model / EMBEDDINGS, inputs.song_ids, inputs.embeddings(model))
+        return {"skipped": "train.head_refit_epochs is 0"}
+    args = (inputs, pairs, t.head_refit_epochs, t.head_refit_lr, t.head_refit_batch_size, t.colisten_weight,
+            t.temperature, cfg.seed)
+    no_lm = without_lm_state(model)  # from stage 2's heads, as the real refit starts
+    report = refit_heads(model, *args, progress=progress)
+    report_no_lm = refit_heads(no_lm, *args)
+    with torch.no_grad():
+        save_embeddings(run.model / EMBEDDINGS, inputs.song_ids, inputs.embeddings(model))
+        save_embeddings(run.model / f"embeddings-{NO_LM}.safetensors", inputs.song_ids, inputs.embeddings(no_lm))
+    return {**report, "without the LM state": report_no_lm}
+
+
 def save_stage2(run: RunDir, model: MultimodalLM, losses: list[float]) -> Path:
     """Adapter-only checkpoint: the PEFT adapter + multimodal weights + tokenizer (small, for further tuning)."""
     out = run.model / "stage2"
@@ -357,12 +378,7 @@ def run_train(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) 
         return {"rank": accelerator.process_index, "stage2 loss last": s2[-1]}
     out = run.model / "stage2" if (run.model / "stage2" / "adapter").is_dir() else save_stage2(run, model, s2)
     inputs = head_inputs(model, collate, prompts, progress=progress)
-    t = cfg.train
-    refit = (refit_heads(model, inputs, pairs.to_list(), t.head_refit_epochs, t.head_refit_lr,
-                         t.head_refit_batch_size, t.colisten_weight, t.temperature, cfg.seed, progress)
-             if t.head_refit_epochs else {"skipped": "train.head_refit_epochs is 0"})
-    with torch.no_grad():
-        save_embeddings(run.model / EMBEDDINGS, inputs.song_ids, inputs.embeddings(model))
+    refit = _refit_heads_and_save(cfg, run, model, inputs, pairs.to_list(), progress)
     # Ablations only mean something when the catalog has media (lastfm-2k has none: each variant would be a
     # copy of the full embedding, and on its 17.6k artists each pass costs minutes).
     has_media = bool(features.audio_present.any()) or bool(features.cover_present.any())

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import torch
 
 from llmrec.model.heads import EmbeddingHead, IDMappingHead
-from train.head_refit import HeadInputs, refit_heads
+from train.head_refit import HeadInputs, refit_heads, without_lm_state
 
 HIDDEN, DIM, CF, AUDIO = 16, 8, 4, 6
 
@@ -93,3 +93,17 @@ def test_a_big_catalogue_trains_on_sampled_negatives(monkeypatch):
     model, (inputs, pairs) = _heads(), _catalogue(300)
     before, after = _refit(model, inputs, pairs)["held_out_loss"]
     assert after < 0.8 * before
+
+
+def test_the_no_lm_heads_never_read_the_lm_state():
+    """`without_lm_state`: refitted like the real heads, the copy's embeddings do not change when the LM states do
+    (the branch stays zero), and the model's own heads are untouched by it."""
+    model, (inputs, pairs) = _heads(), _catalogue(120)
+    own = {k: v.clone() for k, v in model.embed_head.state_dict().items()}
+    no_lm = without_lm_state(model)
+    _refit(model=no_lm, inputs=inputs, pairs=pairs, epochs=5)
+    assert no_lm.embed_head.text.weight.abs().sum() == 0 and no_lm.embed_head.text.bias.abs().sum() == 0
+    other = HeadInputs(inputs.song_ids, torch.randn_like(inputs.hidden), inputs.audio, None, None)
+    torch.testing.assert_close(other.embeddings(no_lm), inputs.embeddings(no_lm))
+    for k, v in model.embed_head.state_dict().items():
+        torch.testing.assert_close(v, own[k])

@@ -108,6 +108,12 @@ def test_the_exported_heads_are_refitted_on_every_training_song(trained):
     songs_with_factor = {r["song_id"] for r in load_from_disk(str(run.examples / "pairs"))}
     assert refit["songs"] == len(songs_with_factor) > 8
     assert refit["held_out_songs"] == 0 and refit["epochs_run"] == refit["best_epoch"] == cfg.train.head_refit_epochs
+    assert refit["without the LM state"]["songs"] == refit["songs"]
+    with safe_open(str(run.model / "embeddings.safetensors"), "pt") as f:
+        full = f.get_tensor("embeddings")
+    with safe_open(str(run.model / "embeddings-no-lm.safetensors"), "pt") as f:
+        no_lm = f.get_tensor("embeddings")
+    assert no_lm.shape == full.shape and (no_lm - full).abs().max() > 1e-3
 
 
 def test_rerun_skips_finished_stages(trained):
