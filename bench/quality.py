@@ -277,7 +277,8 @@ def results_markdown(result: dict) -> str:
         out += [f"## {name} ({d['item_kind']}s, {d['split']} split; llmrec trained in this run: "
                 f"{'yes' if d['llmrec_trained'] else 'no; an earlier run model there, if any, is evaluated'})", "",
                 f"Command: `{d.get('command', '?')}`; generated {d.get('generated', '?')}, {d.get('seconds', 0):.0f} s."
-                + (f" {subset_note(d['subset'])}" if d.get("subset") else ""), "",
+                + (f" {subset_note(d['subset'])}" if d.get("subset") else "")
+                + (f" {d['note']}" if d.get("note") else ""), "",  # a hand-added word on how the run was made
                 "| slice | best CF | best CF recall | text | text2cf | mm2cf | llmrec | mm2cf-hybrid | hybrid | "
                 + " | ".join(f"{a}/{'best CF' if b == 'best_cf' else b}" for a, b in RATIOS) + " |",
                 "|---|---|" + "---:|" * (7 + len(RATIOS))]
