@@ -274,19 +274,18 @@ def _refit_heads_and_save(cfg: Config, run: RunDir, model: MultimodalLM, inputs:
     saved as the `no-lm` variant, evaluated as `llmrec-no-lm`: what the LLM adds under the same head and training).
     Writes the embeddings; returns the refit summaries."""
     t = cfg.train
-    if not t.head_refit_epochs:
+    refit: dict = {"skipped": "train.head_refit_epochs is 0"}
+    if t.head_refit_epochs:
+        args = (inputs, pairs, t.head_refit_epochs, t.head_refit_lr, t.head_refit_batch_size, t.colisten_weight,
+                t.temperature, cfg.seed)
+        no_lm = without_lm_state(model)  # from stage 2's heads, as the real refit starts
+        refit = refit_heads(model, *args, progress=progress)
+        refit["without the LM state"] = refit_heads(no_lm, *args)
         with torch.no_grad():
-            save_embeddings(run.model / EMBEDDINGS, inputs.song_ids, inputs.embeddings(model))
-        return {"skipped": "train.head_refit_epochs is 0"}
-    args = (inputs, pairs, t.head_refit_epochs, t.head_refit_lr, t.head_refit_batch_size, t.colisten_weight,
-            t.temperature, cfg.seed)
-    no_lm = without_lm_state(model)  # from stage 2's heads, as the real refit starts
-    report = refit_heads(model, *args, progress=progress)
-    report_no_lm = refit_heads(no_lm, *args)
+            save_embeddings(run.model / f"embeddings-{NO_LM}.safetensors", inputs.song_ids, inputs.embeddings(no_lm))
     with torch.no_grad():
         save_embeddings(run.model / EMBEDDINGS, inputs.song_ids, inputs.embeddings(model))
-        save_embeddings(run.model / f"embeddings-{NO_LM}.safetensors", inputs.song_ids, inputs.embeddings(no_lm))
-    return {**report, "without the LM state": report_no_lm}
+    return refit
 
 
 def save_stage2(run: RunDir, model: MultimodalLM, losses: list[float]) -> Path:
