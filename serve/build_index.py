@@ -2,12 +2,14 @@
 actors with `features.engine: ray`) into runs/<name>/index/."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from llmrec.config import Config
+from llmrec.config import Config, ServeConfig
 from llmrec.io import RunDir
 from serve.engines.base import Engine
 from serve.index import SongIndex
@@ -25,12 +27,20 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
     engine = engine or (load_engine(bdir, cfg.serve) if cfg.features.engine != "ray" else None)
     inputs = song_inputs(cfg, run, bdir)
     ids = sorted(inputs.songs)
-    chunks = [[inputs.catalog_embed_input(s, s) for s in ids[i : i + cfg.serve.embed_batch]]
-              for i in range(0, len(ids), cfg.serve.embed_batch)]
+    batch = cfg.serve.embed_batch
+    # Prompts are built chunk by chunk inside the progress bar: fitting a prompt to its budget tokenises it several
+    # times, which at 100k songs is minutes of work that would otherwise run before any bar appears.
+    chunks = ([inputs.catalog_embed_input(s, s) for s in ids[i : i + batch]] for i in range(0, len(ids), batch))
+    bar = tqdm(total=len(ids), desc="embedding the catalogue", unit="song", disable=not progress)
     if cfg.features.engine == "ray":
-        rows = embed_on_ray(chunks, bdir, cfg)
+        rows = embed_on_ray(_counted(chunks, tqdm(total=len(ids), desc="catalogue prompts", unit="song",
+                                                  disable=not progress)), bdir, cfg, bar)
     else:
-        rows = [engine.embed(c) for c in tqdm(chunks, desc="embedding the catalogue", disable=not progress)]
+        rows = []
+        for chunk in chunks:
+            rows.append(engine.embed(chunk))
+            bar.update(len(chunk))
+    bar.close()
     s = cfg.serve
     index = SongIndex.build(np.concatenate(rows), ids, read_bundle_meta(bdir)["content_hash"], s.index,
                             nlist=s.ivf_nlist, nprobe=s.ivf_nprobe, hnsw_m=s.hnsw_m)
@@ -38,9 +48,32 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
     return index
 
 
-def embed_on_ray(chunks: list[list], bdir: Path, cfg: Config) -> list[np.ndarray]:
+def _counted(chunks: Iterable[list], bar) -> Iterator[list]:
+    """`chunks`, advancing `bar` by each chunk's length as it is produced (closed at the end)."""
+    for chunk in chunks:
+        yield chunk
+        bar.update(len(chunk))
+    bar.close()
+
+
+def actor_serve_config(serve_cfg: ServeConfig, actors: int) -> ServeConfig:
+    """The serving config each of `actors` Ray embedders gets: its share of vLLM's host-memory reservation.
+
+    In process on CPU, a vLLM engine reserves `serve.vllm_memory_fraction` of the host's RAM for its KV cache per
+    `LLM` (`serve.engines.vllm.kv_cache_bytes`), sized for one server per machine. Every local actor reserving the
+    whole fraction overcommits the node: at 100k songs, two actors asked for 9.3 and 9.7 GB each on a 23.5 GB machine
+    and Ray's memory monitor killed one. An explicit `serve.vllm_kv_cache_gib` is the user's per-engine choice and
+    is kept; on a multi-node cluster the division is conservative (actors spread over nodes get less than they
+    could)."""
+    if actors <= 1 or serve_cfg.vllm_kv_cache_gib > 0:
+        return serve_cfg
+    return dataclasses.replace(serve_cfg, vllm_memory_fraction=serve_cfg.vllm_memory_fraction / actors)
+
+
+def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar=None) -> list[np.ndarray]:
     """Bulk embedding with `features.engine: ray` (as feature extraction scales out): one engine per Ray actor
-    (`features.workers` of them, one CPU each, or the cluster named by RAY_ADDRESS), chunks in order."""
+    (`features.workers` of them, one CPU each, or the cluster named by RAY_ADDRESS), chunks in order; `bar`
+    (a tqdm) advances by each chunk's rows as its result comes back."""
     try:
         import ray
         from ray.util import ActorPool
@@ -55,8 +88,14 @@ def embed_on_ray(chunks: list[list], bdir: Path, cfg: Config) -> list[np.ndarray
         ray.init(log_to_driver=False, **kw)
     try:
         embedder = ray.remote(num_cpus=1)(RayEmbedder)
-        pool = ActorPool([embedder.remote(str(bdir), cfg.serve) for _ in range(workers)])
-        return list(pool.map(lambda actor, chunk: actor.embed.remote(chunk), chunks))
+        actor_cfg = actor_serve_config(cfg.serve, workers)
+        pool = ActorPool([embedder.remote(str(bdir), actor_cfg) for _ in range(workers)])
+        rows = []
+        for out in pool.map(lambda actor, chunk: actor.embed.remote(chunk), chunks):
+            rows.append(out)
+            if bar is not None:
+                bar.update(len(out))
+        return rows
     finally:
         if started:
             ray.shutdown()
