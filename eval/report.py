@@ -83,7 +83,7 @@ def run_eval(cfg: Config, run: RunDir, args: argparse.Namespace | None = None) -
     if cfg.eval.tune and "llmrec" in llm:
         notes.extend(tuning_holdout_notes(run, cfg))
     tuned = (tune(catalog, tuning_split(split, cfg.seed), text, llm.get("llmrec"), cfg.seed, progress,
-                  cfg.eval.user_tower, cfg.eval.tail_ndcg_budget, raw)
+                  cfg.eval.user_tower, cfg.eval.tail_ndcg_budget, raw, cfg.eval.tune_max_cells)
              if cfg.eval.tune else default_params("llmrec" in llm, raw is not None))
     t_fit = time.perf_counter()
     models = build_models(data, tuned.params, text, llm, cfg.seed, cfg.eval.user_tower, raw)

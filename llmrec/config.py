@@ -239,6 +239,10 @@ class EvalConfig:
     valid_days: int = 0
     bootstrap: int = 1000
     tune: bool = True  # small grid search of CF hyperparameters on a validation split (eval/tuning.py)
+    # Above this many validation-user x song cells, tuning uses a seeded sample of the validation users
+    # (eval.tuning.sample_validation_users): 2,000 users at 100k songs; the 3,000-song cuts the quality bench takes of
+    # lastfm-2k and nowplaying-rs2020 (17,779 users) stay whole. 0 = never sample.
+    tune_max_cells: int = 200_000_000
     # How `llmrec` scores a user against song embeddings (the other tower is reported too, as llmrec-<tower>):
     # `history` = the ranking `/v1/recommendations` serves (llmrec.ranking: cosine to the mean of the user's most
     # recent distinct plays, catalogue mean removed), so the report's headline is the served list's number;
