@@ -73,7 +73,7 @@ def sample_validation_users(inner: Split, n_songs: int, max_cells: int, seed: in
     """`inner` with its validation plays cut to a seeded sample of users when scoring every validation user
     against every song would exceed `max_cells` (0: never), and a phrase saying so for the report ("" if uncut).
 
-    Each of the ~100 tuned settings scores every validation user against the whole catalogue: at 100k songs and
+    Each of the ~170 tuned settings scores every validation user against the whole catalogue: at 100k songs and
     20k users one ItemKNN setting alone ran for over 5 minutes on 2 cores. The training plays are untouched, and
     every model is tuned on the same users."""
     users = pd.unique(inner.test["user_id"])

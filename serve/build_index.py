@@ -36,10 +36,7 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
         rows = embed_on_ray(_counted(chunks, tqdm(total=len(ids), desc="catalogue prompts", unit="song",
                                                   disable=not progress)), bdir, cfg, bar)
     else:
-        rows = []
-        for chunk in chunks:
-            rows.append(engine.embed(chunk))
-            bar.update(len(chunk))
+        rows = [engine.embed(chunk) for chunk in _counted(chunks, bar)]
     bar.close()
     s = cfg.serve
     index = SongIndex.build(np.concatenate(rows), ids, read_bundle_meta(bdir)["content_hash"], s.index,
