@@ -37,7 +37,6 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
                                                   disable=not progress)), bdir, cfg, bar)
     else:
         rows = [engine.embed(chunk) for chunk in _counted(chunks, bar)]
-    bar.close()
     s = cfg.serve
     index = SongIndex.build(np.concatenate(rows), ids, read_bundle_meta(bdir)["content_hash"], s.index,
                             nlist=s.ivf_nlist, nprobe=s.ivf_nprobe, hnsw_m=s.hnsw_m)
@@ -45,8 +44,9 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
     return index
 
 
-def _counted(chunks: Iterable[list], bar) -> Iterator[list]:
-    """`chunks`, advancing `bar` by each chunk's length as it is produced (closed at the end)."""
+def _counted(chunks: Iterable, bar) -> Iterator:
+    """`chunks` (lists of inputs or arrays of rows), advancing `bar` by each one's length as it is consumed; the bar
+    is closed when they run out."""
     for chunk in chunks:
         yield chunk
         bar.update(len(chunk))
@@ -67,7 +67,7 @@ def actor_serve_config(serve_cfg: ServeConfig, actors: int) -> ServeConfig:
     return dataclasses.replace(serve_cfg, vllm_memory_fraction=serve_cfg.vllm_memory_fraction / actors)
 
 
-def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar=None) -> list[np.ndarray]:
+def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar) -> list[np.ndarray]:
     """Bulk embedding with `features.engine: ray` (as feature extraction scales out): one engine per Ray actor
     (`features.workers` of them, one CPU each, or the cluster named by RAY_ADDRESS), chunks in order; `bar`
     (a tqdm) advances by each chunk's rows as its result comes back."""
@@ -87,12 +87,7 @@ def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar=None) -> l
         embedder = ray.remote(num_cpus=1)(RayEmbedder)
         actor_cfg = actor_serve_config(cfg.serve, workers)
         pool = ActorPool([embedder.remote(str(bdir), actor_cfg) for _ in range(workers)])
-        rows = []
-        for out in pool.map(lambda actor, chunk: actor.embed.remote(chunk), chunks):
-            rows.append(out)
-            if bar is not None:
-                bar.update(len(out))
-        return rows
+        return list(_counted(pool.map(lambda actor, chunk: actor.embed.remote(chunk), chunks), bar))
     finally:
         if started:
             ray.shutdown()
