@@ -148,10 +148,6 @@ class MostPop(Recommender):
 # --------------------------------------------------------------------------------------------
 
 
-def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-
 class ItemKNN(Recommender):
     """Item-based k-NN with (shrunk) cosine similarity.
 
@@ -181,36 +177,52 @@ class ItemKNN(Recommender):
             x.data[:] = 1.0
         return x
 
-    def fit(self, train, **side):
+    def neighbour_lists(self, train) -> tuple[np.ndarray, np.ndarray]:
+        """Each item's ``k`` most similar other items, best first (ties: lower item index first), and their
+        similarities, as ``(n_items, k)`` arrays; slots without a positive similarity hold -1 and 0.
+
+        One pass over the item x item co-occurrences, which is what fitting costs. A list for a larger ``k`` starts
+        with the list for any smaller one, so a grid over ``k`` pays for one pass per ``shrink``:
+        ``fit(train, neighbours=...)`` takes the lists of a larger ``k`` and cuts them."""
         x = self._prep(train)
         n_items = x.shape[1]
-        self.n_items = n_items
         xt = x.T.tocsr()  # items x users
         norms = np.sqrt(np.asarray(xt.multiply(xt).sum(axis=1), dtype=np.float64).ravel())
         k = min(self.k, max(n_items - 1, 0))
-        # Dense blocks of item rows keep memory bounded (~4M cells) for large catalogues.
+        nb = np.full((n_items, k), -1, dtype=np.int32)
+        nv = np.zeros((n_items, k), dtype=np.float32)
+        # Blocks of item rows keep the co-occurrence block bounded for large catalogues. The similarity is worked
+        # on sparse (only co-occurring pairs can have one), so a block costs its non-zeros, not n_items cells.
         block = max(1, (1 << 22) // max(n_items, 1))
-        rows, cols, vals = [], [], []
         for start in range(0, n_items, block):
-            stop = min(start + block, n_items)
-            co = (xt[start:stop] @ x).toarray().astype(np.float64)
-            denom = norms[start:stop, None] * norms[None, :] + self.shrink
-            sim = np.divide(co, denom, out=np.zeros_like(co), where=denom > 0)
-            sim[np.arange(stop - start), np.arange(start, stop)] = 0.0  # no self-neighbours
-            if k == 0:
-                continue
-            nb = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-            v = np.take_along_axis(sim, nb, axis=1)
-            keep = v > 0  # zero-similarity "neighbours" carry no signal
-            r = np.repeat(np.arange(start, stop), k).reshape(-1, k)
-            rows.append(r[keep])
-            cols.append(nb[keep])
-            vals.append(v[keep])
+            co = (xt[start:start + block] @ x).tocoo()
+            row, col = co.row.astype(np.int64), co.col.astype(np.int64)
+            sim = co.data.astype(np.float64) / (norms[start + row] * norms[col] + self.shrink)
+            keep = (col != start + row) & (sim > 0)  # no self-neighbours; zero similarity carries no signal
+            row, col, sim = row[keep], col[keep], sim[keep]
+            order = np.lexsort((col, -sim, row))  # by item, best first, ties: lower neighbour index first
+            row, col, sim = row[order], col[order], sim[order]
+            rank = np.arange(row.size) - np.searchsorted(row, row)  # position in the item's list
+            top = rank < k
+            nb[start + row[top], rank[top]] = col[top]
+            nv[start + row[top], rank[top]] = sim[top]
+        return nb, nv
+
+    def fit(self, train, neighbours: tuple[np.ndarray, np.ndarray] | None = None, **side):
+        """`neighbours`: `neighbour_lists` of an ItemKNN with the same shrink and a k at least this one's, computed
+        on this `train` (tuning's grid over k reuses one similarity pass); computed here when omitted."""
+        nb, nv = neighbours if neighbours is not None else self.neighbour_lists(train)
+        n_items = self._prep(train).shape[1]
+        k = min(self.k, max(n_items - 1, 0))
+        if nb.shape[0] != n_items or nb.shape[1] < k:
+            raise ValueError(f"ItemKNN(k={self.k}).fit: neighbour lists of shape {nb.shape} do not cover "
+                             f"{n_items} items x {k} neighbours")
+        nb, nv = nb[:, :k], nv[:, :k]
+        keep = nb >= 0
+        rows = np.broadcast_to(np.arange(n_items)[:, None], nb.shape)
+        self.n_items = n_items
         # similarity[j, i] = sim of target item j to its neighbour i.
-        self.similarity = sp.csr_matrix(
-            (_concat(vals, np.float32), (_concat(rows, np.int64), _concat(cols, np.int64))),
-            shape=(n_items, n_items),
-        )
+        self.similarity = sp.csr_matrix((nv[keep], (rows[keep], nb[keep])), shape=(n_items, n_items))
         self._sim_t = self.similarity.T.tocsr()
         return self
 

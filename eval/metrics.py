@@ -44,6 +44,7 @@ from typing import Iterable
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 __all__ = [
     "topk_from_scores",
@@ -126,23 +127,33 @@ def topk_from_scores(
     candidates = _check_mask("candidates", candidates, n_items)
 
     out = np.full((n_users, k), -1, dtype=np.int64)
-    kk = min(k, n_items)
+    # Rank only the candidate columns: masking the others to -inf instead costs a full-width pass, and a row that
+    # is 90% -inf ties is quickselect's worst case (the cold slice ran 6x slower than the whole catalogue).
+    # Candidate columns ascend, so "lower index first" among ties is unchanged.
+    cols = None if candidates is None else np.flatnonzero(candidates)
+    n_cols = n_items if cols is None else cols.size
+    kk = min(k, n_cols)
     if kk == 0 or n_users == 0:
         return out
+    if cols is not None and exclude is not None:
+        position = np.full(n_items, -1, dtype=np.int64)
+        position[cols] = np.arange(n_cols)
 
     dtype = np.result_type(scores.dtype, np.float32)
-    chunk = max(1, _CHUNK_CELLS // n_items)
+    chunk = max(1, _CHUNK_CELLS // n_cols)
     for start in range(0, n_users, chunk):
         stop = min(start + chunk, n_users)
-        # Copy: masking must not leak into the caller's array.
-        s = np.array(scores[start:stop], dtype=dtype, copy=True)
+        # Copy (the column selection copies already): masking must not leak into the caller's array.
+        s = np.array(scores[start:stop] if cols is None else scores[start:stop][:, cols], dtype=dtype, copy=True)
         s[np.isnan(s)] = -np.inf
         if exclude is not None:
             r, c = exclude[start:stop].nonzero()
+            if cols is not None:
+                c = position[c]
+                r, c = r[c >= 0], c[c >= 0]
             s[r, c] = -np.inf
-        if candidates is not None:
-            s[:, ~candidates] = -np.inf
-        out[start:stop, :kk] = _topk_block(s, kk)
+        top = _topk_block(s, kk)
+        out[start:stop, :kk] = top if cols is None else np.where(top >= 0, cols[np.maximum(top, 0)], -1)
     return out
 
 
@@ -152,7 +163,9 @@ def _topk_block(s: np.ndarray, k: int) -> np.ndarray:
     # k-th largest value per row: everything strictly above it is in; among values equal to it we
     # take the lowest indices. argpartition alone would pick tied items arbitrarily, which makes
     # metrics depend on numpy internals when scores are coarse (MostPop, sparse ItemKNN, masks).
-    thr = np.partition(s, n - k, axis=1)[:, n - k]
+    # torch.topk finds the threshold ~3x faster than np.partition (and np.partition degrades on rows of many equal
+    # values); only the threshold comes from it, the tie rule below stays ours.
+    thr = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False).values.amin(dim=1).numpy()
     gt = s > thr[:, None]
     need = k - gt.sum(axis=1)
     er, ec = np.nonzero(s == thr[:, None])  # row-major, so columns ascend within a row

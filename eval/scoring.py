@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from eval.baselines import Recommender
 from eval.data import SLICES, EvalData, slice_test
@@ -67,7 +68,9 @@ def evaluate_models(models: dict[str, Recommender], data: EvalData, ks: list[int
     slices = {name: slice_test(data, name) for name in SLICES}
     results: dict[str, dict[str, dict]] = {name: {} for name in SLICES}
     per_user: dict[str, dict[str, np.ndarray]] = {name: {} for name in SLICES}
-    for model_name, model in models.items():
+    bar = tqdm(models.items(), desc="evaluating on test", unit="model", disable=not progress, leave=False)
+    for model_name, model in bar:
+        bar.set_postfix_str(model_name)
         t0 = time.perf_counter()
         # one top-k per distinct candidate set (`all` and `warm` both rank the whole catalogue)
         whole, known, cold = rank_users(model, data.train, users, max(ks), [None, data.warm, data.cold], data.order)
@@ -85,5 +88,5 @@ def evaluate_models(models: dict[str, Recommender], data: EvalData, ks: list[int
             results[slice_name][model_name] = res
             per_user[slice_name][model_name] = pu[HEADLINE]
         if progress:
-            print(f"  eval {model_name}: {time.perf_counter() - t0:.1f}s")
+            tqdm.write(f"  eval {model_name}: {time.perf_counter() - t0:.1f}s")
     return results, per_user

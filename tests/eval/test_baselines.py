@@ -171,6 +171,26 @@ def test_itemknn_shrinkage_and_pruning():
     assert np.all(np.diag(sim) == 0)
 
 
+def test_itemknn_cut_from_a_larger_k_is_the_model_fitted_at_that_k():
+    # Binary plays give many tied similarities: the lists keep the lower item index first, so the k=3 model cut
+    # from the k=10 lists (what tuning does, one similarity pass per shrink) is exactly the k=3 fit.
+    lists = B.ItemKNN(k=10, shrink=1.0).neighbour_lists(TRAIN)
+    for k in (1, 3, 10):
+        cut = B.ItemKNN(k=k, shrink=1.0).fit(TRAIN, neighbours=lists).similarity
+        direct = B.ItemKNN(k=k, shrink=1.0).fit(TRAIN).similarity
+        assert (cut != direct).nnz == 0 and direct.nnz > 0
+        assert np.all(np.diff(direct.indptr) <= k)
+    with pytest.raises(ValueError, match="do not cover"):
+        B.ItemKNN(k=20, shrink=1.0).fit(TRAIN, neighbours=lists)
+
+
+def test_itemknn_keeps_the_lower_index_among_tied_neighbours():
+    # item0 is bought with item1 and with item2 by one user each: equal similarity, k=1 keeps item1.
+    x = sp.csr_matrix(np.array([[1, 1, 0], [1, 0, 1]], dtype=np.float32))
+    sim = B.ItemKNN(k=1).fit(x).similarity.toarray()
+    assert sim[0, 1] > 0 and sim[0, 2] == 0.0
+
+
 def test_contentknn_ranks_matching_cold_item_first(fitted):
     scores = fitted["contentknn"].score(USERS, TRAIN)
     cold = np.zeros(N_ITEMS, dtype=bool)

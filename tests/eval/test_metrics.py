@@ -80,16 +80,20 @@ def test_topk_pads_with_minus_one_when_too_few_items():
     np.testing.assert_array_equal(top[0], [0, 1, 2, 3, 4, 5, -1, -1])
 
 
-def test_topk_matches_lexsort_reference_across_chunks(monkeypatch):
-    # Coarse integer scores give many ties; a tiny chunk size forces the multi-chunk path.
+@pytest.mark.parametrize("with_candidates", [False, True])
+def test_topk_matches_lexsort_reference_across_chunks(monkeypatch, with_candidates):
+    # Coarse integer scores give many ties; a tiny chunk size forces the multi-chunk path. Candidates are ranked
+    # as their own columns (not masked in place), which must not change which tied item comes first.
     monkeypatch.setattr(M, "_CHUNK_CELLS", 64)
     rng = np.random.default_rng(0)
     s = rng.integers(0, 4, size=(37, 25)).astype(np.float32)
     excl = sp.csr_matrix(rng.random((37, 25)) < 0.2)
-    top = M.topk_from_scores(s, 7, exclude=excl)
-    masked = np.where(excl.toarray(), -np.inf, s)
+    cand = rng.random(25) < 0.4 if with_candidates else None
+    top = M.topk_from_scores(s, 7, exclude=excl, candidates=cand)
+    masked = np.where(excl.toarray() | (False if cand is None else ~cand), -np.inf, s)
     for u in range(s.shape[0]):
         ref = np.lexsort((np.arange(25), -masked[u]))[:7]
+        ref = np.where(masked[u, ref] == -np.inf, -1, ref)  # masked slots are never recommended
         np.testing.assert_array_equal(top[u], ref)
 
 
