@@ -24,7 +24,7 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
     from serve.engines import load_engine
 
     bdir = bundle_dir(run)
-    engine = engine or (load_engine(bdir, cfg.serve) if cfg.features.engine != "ray" else None)
+    engine = engine or (load_engine(bdir, cfg.serve, embed_only=True) if cfg.features.engine != "ray" else None)
     inputs = song_inputs(cfg, run, bdir)
     ids = sorted(inputs.songs)
     batch = cfg.serve.embed_batch
@@ -102,7 +102,7 @@ class RayEmbedder:
         from serve.engines import load_engine
 
         torch.set_num_threads(1)  # Ray gives each actor one CPU: parallelism comes from the actors
-        self.engine = load_engine(bdir, serve_cfg)
+        self.engine = load_engine(bdir, serve_cfg, embed_only=True)
 
     def embed(self, items):
         return self.engine.embed(items)

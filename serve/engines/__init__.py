@@ -29,13 +29,15 @@ def resolve_engine_name(name: str) -> str:
     return name
 
 
-def load_engine(bundle_dir: str | os.PathLike, serve_cfg) -> Engine:
-    """The engine named by `serve_cfg.engine` on the bundle in `bundle_dir`."""
+def load_engine(bundle_dir: str | os.PathLike, serve_cfg, embed_only: bool = False) -> Engine:
+    """The engine named by `serve_cfg.engine` on the bundle in `bundle_dir`. `embed_only`: the caller only embeds
+    (`serve --build-index`), so vLLM builds no generating engine beside the pooling one (transformers serves both
+    from one model and ignores it)."""
     name = resolve_engine_name(serve_cfg.engine)
     if name == "vllm":
         from serve.engines.vllm import VLLMEngine  # lazy: importing vllm is slow and optional
 
-        return VLLMEngine(bundle_dir, serve_cfg)
+        return VLLMEngine(bundle_dir, serve_cfg, embed_only=embed_only)
     from serve.engines.hf import HFEngine
 
     return HFEngine(bundle_dir, serve_cfg)

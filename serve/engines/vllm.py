@@ -244,7 +244,10 @@ class VLLMEngine(Engine):
     name = "vllm"
     concurrent_calls = True  # generate() is thread-safe and batches across concurrent calls (continuous batching)
 
-    def __init__(self, bundle_dir: str | os.PathLike, serve_cfg=None, dtype: str | None = None):
+    def __init__(self, bundle_dir: str | os.PathLike, serve_cfg=None, dtype: str | None = None,
+                 embed_only: bool = False):
+        """`embed_only`: build the pooling `LLM` alone (bulk embedding: `serve --build-index`), not the generating
+        one beside it; each `LLM` holds a KV cache of its own, so this halves the engine's memory."""
         from vllm import LLM, SamplingParams  # noqa: F401 - fail here, clearly, when vLLM is missing
         from vllm.config import PoolerConfig
 
@@ -274,8 +277,9 @@ class VLLMEngine(Engine):
         self._gen = self._pool = self._batcher = None
         try:
             with _engine_core_in_process(self.in_process):
-                self._gen = LLM(**common, **scheduler_args(serve_cfg))
-                self._batcher = _ContinuousBatcher(self._gen.llm_engine)
+                if not embed_only:
+                    self._gen = LLM(**common, **scheduler_args(serve_cfg))
+                    self._batcher = _ContinuousBatcher(self._gen.llm_engine)
                 self._pool = LLM(**common, runner="pooling", convert="embed",
                                  pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
         except BaseException:
@@ -297,6 +301,9 @@ class VLLMEngine(Engine):
 
         if not items:
             return []
+        if self._batcher is None:
+            raise RuntimeError("this vLLM engine was built with embed_only=True (bulk embedding) and cannot generate; "
+                               "load it without embed_only to serve reasons")
         prompts = [self.prompt_embeds(it, self.token_ids(it, max_new_tokens)) for it in items]
         # detokenize=False: we decode with the bundle's tokenizer exactly as the transformers engine does;
         # FINAL_ONLY: no partial outputs per step.

@@ -227,6 +227,23 @@ def test_close_stops_the_vllm_processes(tiny_bundle, embed_inputs):
     engine.close()  # twice is fine
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_an_embed_only_engine_builds_no_generator_and_says_so(tiny_bundle, embed_inputs):
+    """`serve --build-index` only embeds: one vLLM `LLM` (one KV cache) instead of two, same embeddings."""
+    from serve.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(tiny_bundle, ServeConfig(vllm_kv_cache_gib=0.25), embed_only=True)
+    try:
+        assert engine._gen is None and engine._pool is not None
+        np.testing.assert_allclose(engine.embed(embed_inputs[:2]), HFEngine(tiny_bundle).embed(embed_inputs[:2]),
+                                   atol=1e-4, rtol=1e-4)
+        with pytest.raises(RuntimeError, match="embed_only"):
+            engine.generate(embed_inputs[:1], MAX_NEW)
+    finally:
+        engine.close()
+
+
 def test_scheduler_limits_reach_vllm_only_when_set():
     assert scheduler_args(ServeConfig()) == {}  # vLLM's defaults
     assert scheduler_args(ServeConfig(vllm_max_num_seqs=16, vllm_max_num_batched_tokens=512)) == {
