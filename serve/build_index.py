@@ -33,8 +33,7 @@ def build_index(cfg: Config, run: RunDir, engine: Engine | None = None, progress
     chunks = ([inputs.catalog_embed_input(s, s) for s in ids[i : i + batch]] for i in range(0, len(ids), batch))
     bar = tqdm(total=len(ids), desc="embedding the catalogue", unit="song", disable=not progress)
     if cfg.features.engine == "ray":
-        rows = embed_on_ray(_counted(chunks, tqdm(total=len(ids), desc="catalogue prompts", unit="song",
-                                                  disable=not progress)), bdir, cfg, bar)
+        rows = embed_on_ray(chunks, bdir, cfg, bar)
     else:
         rows = [engine.embed(chunk) for chunk in _counted(chunks, bar)]
     s = cfg.serve
@@ -87,10 +86,27 @@ def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar) -> list[n
         embedder = ray.remote(num_cpus=1)(RayEmbedder)
         actor_cfg = actor_serve_config(cfg.serve, workers)
         pool = ActorPool([embedder.remote(str(bdir), actor_cfg) for _ in range(workers)])
-        return list(_counted(pool.map(lambda actor, chunk: actor.embed.remote(chunk), chunks), bar))
+        return list(_counted(_ordered_map(pool, chunks, in_flight=2 * workers), bar))
     finally:
         if started:
             ray.shutdown()
+
+
+def _ordered_map(pool, chunks: Iterable[list], in_flight: int) -> Iterator[np.ndarray]:
+    """Each chunk's embeddings, in order, with at most `in_flight` chunks submitted and not yet returned.
+
+    `ActorPool.map` submits every value before it yields the first result: the driver built and held all 100k
+    prompts (token ids and media rows) at once. Here the next chunk is built only as a result comes back, and
+    `in_flight` = 2 per actor keeps one queued behind each running chunk so no actor waits on the driver."""
+    submitted = 0
+    for chunk in chunks:
+        if submitted >= in_flight:
+            yield pool.get_next()
+            submitted -= 1
+        pool.submit(lambda actor, c: actor.embed.remote(c), chunk)
+        submitted += 1
+    while pool.has_next():
+        yield pool.get_next()
 
 
 class RayEmbedder:
