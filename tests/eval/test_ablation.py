@@ -52,3 +52,24 @@ def test_modality_ablation_says_why_it_skips(tmp_path):
     run.catalog.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"song_id": ids, "genre": ["a", "b"]}).to_parquet(run.catalog / "song_attributes.parquet")
     assert "not trained" in modality_ablation(run, ids, np.zeros((2, 3)), {})["skipped"]
+
+
+def test_an_embedding_without_vectors_is_named_not_probed():
+    # A catalog prepared without media: the audio and cover encoders' rows are all zero. The probe crashed
+    # (KFold on 0 samples) after 48 minutes of a 100k-song eval and the report was lost.
+    from eval.ablation import ablation_markdown
+
+    attrs, rng = _songs()
+    ids = attrs["song_id"].to_numpy()
+    out = attribute_probes({"text": rng.normal(size=(len(ids), 4)), "audio encoder": np.zeros((len(ids), 6))},
+                           ids, attrs)
+    assert list(out["accuracy"]) == ["text"] and "0 of the probed songs" in out["skipped"]["audio encoder"]
+    assert any("Not probed: audio encoder" in line for line in ablation_markdown(out))
+
+
+def test_a_large_catalog_is_probed_on_a_seeded_sample():
+    attrs, rng = _songs(n=400)
+    ids = attrs["song_id"].to_numpy()
+    x = pd.get_dummies(attrs["genre"]).to_numpy(float)
+    one, two = (attribute_probes({"genre": x}, ids, attrs, max_songs=150) for _ in range(2))
+    assert one["n_songs"] == 150 and one["n_sampled_from"] == 400 and one == two
