@@ -212,7 +212,7 @@ class ItemKNN(Recommender):
         """`neighbours`: `neighbour_lists` of an ItemKNN with the same shrink and a k at least this one's, computed
         on this `train` (tuning's grid over k reuses one similarity pass); computed here when omitted."""
         nb, nv = neighbours if neighbours is not None else self.neighbour_lists(train)
-        n_items = self._prep(train).shape[1]
+        n_items = train.shape[1]  # the width only: no binarised copy of the plays
         k = min(self.k, max(n_items - 1, 0))
         if nb.shape[0] != n_items or nb.shape[1] < k:
             raise ValueError(f"ItemKNN(k={self.k}).fit: neighbour lists of shape {nb.shape} do not cover "
