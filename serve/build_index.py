@@ -2,14 +2,13 @@
 actors with `features.engine: ray`) into runs/<name>/index/."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from llmrec.config import Config, ServeConfig
+from llmrec.config import Config
 from llmrec.io import RunDir
 from serve.engines.base import Engine
 from serve.index import SongIndex
@@ -52,20 +51,6 @@ def _counted(chunks: Iterable, bar) -> Iterator:
     bar.close()
 
 
-def actor_serve_config(serve_cfg: ServeConfig, actors: int) -> ServeConfig:
-    """The serving config each of `actors` Ray embedders gets: its share of vLLM's host-memory reservation.
-
-    In process on CPU, a vLLM engine reserves `serve.vllm_memory_fraction` of the host's RAM for its KV cache per
-    `LLM` (`serve.engines.vllm.kv_cache_bytes`), sized for one server per machine. Every local actor reserving the
-    whole fraction overcommits the node: at 100k songs, two actors asked for 9.3 and 9.7 GB each on a 23.5 GB machine
-    and Ray's memory monitor killed one. An explicit `serve.vllm_kv_cache_gib` is the user's per-engine choice and
-    is kept; on a multi-node cluster the division is conservative (actors spread over nodes get less than they
-    could)."""
-    if actors <= 1 or serve_cfg.vllm_kv_cache_gib > 0:
-        return serve_cfg
-    return dataclasses.replace(serve_cfg, vllm_memory_fraction=serve_cfg.vllm_memory_fraction / actors)
-
-
 def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar) -> list[np.ndarray]:
     """Bulk embedding with `features.engine: ray` (as feature extraction scales out): one engine per Ray actor
     (`features.workers` of them, one CPU each, or the cluster named by RAY_ADDRESS), chunks in order; `bar`
@@ -84,8 +69,9 @@ def embed_on_ray(chunks: Iterable[list], bdir: Path, cfg: Config, bar) -> list[n
         ray.init(log_to_driver=False, **kw)
     try:
         embedder = ray.remote(num_cpus=1)(RayEmbedder)
-        actor_cfg = actor_serve_config(cfg.serve, workers)
-        pool = ActorPool([embedder.remote(str(bdir), actor_cfg) for _ in range(workers)])
+        # Each actor's engine is embed-only: its KV cache is the pooling engine's small fixed size
+        # (serve.engines.vllm.pooling_kv_cache_bytes), not a share of the host's RAM, so actors need no split of it.
+        pool = ActorPool([embedder.remote(str(bdir), cfg.serve) for _ in range(workers)])
         return list(_counted(_ordered_map(pool, chunks, in_flight=2 * workers), bar))
     finally:
         if started:

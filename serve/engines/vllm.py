@@ -100,7 +100,8 @@ def runs_in_process(serve_cfg) -> bool:
 
 
 def kv_cache_bytes(serve_cfg, in_process: bool) -> int | None:
-    """Explicit KV-cache size per engine, or None to let vLLM size it from `gpu_memory_utilization`.
+    """Explicit KV-cache size of the generate engine, or None to let vLLM size it from `gpu_memory_utilization`
+    (the pooling engine's is `pooling_kv_cache_bytes`).
 
     In process, vLLM's CPU profiling counts this whole server's memory as the model's and asks for a negative KV
     cache, so the size is fixed here: `serve.vllm_kv_cache_gib`, else `serve.vllm_memory_fraction` of the host's
@@ -112,6 +113,31 @@ def kv_cache_bytes(serve_cfg, in_process: bool) -> int | None:
         return None
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)) * ram)
+
+
+# Tokens the pooling engine's KV cache holds (at least one `max_model_len` prompt on top). Embedding is prefill only:
+# a prompt's blocks are freed as soon as its state is pooled, so the cache bounds the tokens of one scheduler step,
+# not a server's worth of running conversations. 8,192 is twice vLLM's CPU step (4,096 tokens), ~85 catalogue
+# prompts of ~96 tokens; a larger cache buys no throughput on CPU and was 2.35 GB per Ray actor at 100k songs.
+POOL_KV_TOKENS = 8192
+
+
+def kv_bytes_per_token(lm_cfg: dict, dtype: str) -> int:
+    """Bytes one token takes in a KV cache of the LM described by `lm_cfg` (its config.json): K and V per layer."""
+    heads = int(lm_cfg["num_attention_heads"])
+    kv_heads = int(lm_cfg.get("num_key_value_heads") or heads)
+    head_dim = int(lm_cfg.get("head_dim") or int(lm_cfg["hidden_size"]) // heads)
+    return 2 * int(lm_cfg["num_hidden_layers"]) * kv_heads * head_dim * _DTYPES[dtype].itemsize
+
+
+def pooling_kv_cache_bytes(serve_cfg, lm_cfg: dict, dtype: str, max_model_len: int) -> int:
+    """KV-cache size of the pooling (embedding) engine: `serve.vllm_kv_cache_gib` when set, else room for
+    `POOL_KV_TOKENS` tokens or one longest prompt, whichever is more (vLLM refuses a cache that cannot hold one
+    `max_model_len` prompt). A smaller cache only means fewer prompts per scheduler step."""
+    gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
+    if gib > 0:
+        return int(gib * (1 << 30))
+    return max(POOL_KV_TOKENS, max_model_len) * kv_bytes_per_token(lm_cfg, dtype)
 
 
 @contextlib.contextmanager
@@ -269,8 +295,8 @@ class VLLMEngine(Engine):
             model=str(lm_dir), dtype=self.dtype, enable_prompt_embeds=True, enforce_eager=True,
             max_model_len=max_len, seed=0,
             gpu_memory_utilization=float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)),
-            kv_cache_memory_bytes=kv_cache_bytes(serve_cfg, self.in_process),
         )
+        self.pool_kv_bytes = pooling_kv_cache_bytes(serve_cfg, lm_cfg, self.dtype, max_len)
         self.timeout_s = float(getattr(serve_cfg, "request_timeout_s", 0) or 0) or None
         self.temperature = sampling_temperature(serve_cfg)
         self._lock = threading.Lock()  # `LLM` is not thread-safe: one pooling call at a time
@@ -278,9 +304,11 @@ class VLLMEngine(Engine):
         try:
             with _engine_core_in_process(self.in_process):
                 if not embed_only:
-                    self._gen = LLM(**common, **scheduler_args(serve_cfg))
+                    self._gen = LLM(**common, kv_cache_memory_bytes=kv_cache_bytes(serve_cfg, self.in_process),
+                                    **scheduler_args(serve_cfg))
                     self._batcher = _ContinuousBatcher(self._gen.llm_engine)
-                self._pool = LLM(**common, runner="pooling", convert="embed",
+                self._pool = LLM(**common, kv_cache_memory_bytes=self.pool_kv_bytes,
+                                 runner="pooling", convert="embed",
                                  pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
         except BaseException:
             self.close()

