@@ -99,6 +99,12 @@ def runs_in_process(serve_cfg) -> bool:
     return (not torch.cuda.is_available()) if setting is None else bool(setting)
 
 
+def explicit_kv_cache_bytes(serve_cfg) -> int | None:
+    """`serve.vllm_kv_cache_gib` in bytes, the user's KV-cache size for every engine; None where it is not set."""
+    gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
+    return int(gib * (1 << 30)) if gib > 0 else None
+
+
 def kv_cache_bytes(serve_cfg, in_process: bool) -> int | None:
     """Explicit KV-cache size of the generate engine, or None to let vLLM size it from `gpu_memory_utilization`
     (the pooling engine's is `pooling_kv_cache_bytes`).
@@ -106,11 +112,9 @@ def kv_cache_bytes(serve_cfg, in_process: bool) -> int | None:
     In process, vLLM's CPU profiling counts this whole server's memory as the model's and asks for a negative KV
     cache, so the size is fixed here: `serve.vllm_kv_cache_gib`, else `serve.vllm_memory_fraction` of the host's
     RAM — what vLLM reserves per engine on CPU in its own process."""
-    gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
-    if gib > 0:
-        return int(gib * (1 << 30))
-    if not in_process:
-        return None
+    explicit = explicit_kv_cache_bytes(serve_cfg)
+    if explicit is not None or not in_process:
+        return explicit
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)) * ram)
 
@@ -134,9 +138,9 @@ def pooling_kv_cache_bytes(serve_cfg, lm_cfg: dict, dtype: str, max_model_len: i
     """KV-cache size of the pooling (embedding) engine: `serve.vllm_kv_cache_gib` when set, else room for
     `POOL_KV_TOKENS` tokens or one longest prompt, whichever is more (vLLM refuses a cache that cannot hold one
     `max_model_len` prompt). A smaller cache only means fewer prompts per scheduler step."""
-    gib = float(getattr(serve_cfg, "vllm_kv_cache_gib", 0.0) or 0.0)
-    if gib > 0:
-        return int(gib * (1 << 30))
+    explicit = explicit_kv_cache_bytes(serve_cfg)
+    if explicit is not None:
+        return explicit
     return max(POOL_KV_TOKENS, max_model_len) * kv_bytes_per_token(lm_cfg, dtype)
 
 
