@@ -119,10 +119,11 @@ def kv_cache_bytes(serve_cfg, in_process: bool) -> int | None:
     return int(float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)) * ram)
 
 
-# Tokens the pooling engine's KV cache holds (at least one `max_model_len` prompt on top). Embedding is prefill only:
-# a prompt's blocks are freed as soon as its state is pooled, so the cache bounds the tokens of one scheduler step,
-# not a server's worth of running conversations. 8,192 is twice vLLM's CPU step (4,096 tokens), ~85 catalogue
-# prompts of ~96 tokens; a larger cache buys no throughput on CPU and was 2.35 GB per Ray actor at 100k songs.
+# Tokens the pooling engine's KV cache holds (or one `max_model_len` prompt, where that is longer). Embedding is
+# prefill only: a prompt's blocks are freed as soon as its state is pooled, so the cache bounds the tokens of one
+# scheduler step, not a server's worth of running conversations. 8,192 is twice vLLM's CPU step (4,096 tokens),
+# ~85 catalogue prompts of ~96 tokens; a larger cache buys no throughput on CPU and was 2.35 GB per Ray actor at
+# 100k songs.
 POOL_KV_TOKENS = 8192
 
 
@@ -300,7 +301,7 @@ class VLLMEngine(Engine):
             max_model_len=max_len, seed=0,
             gpu_memory_utilization=float(getattr(serve_cfg, "vllm_memory_fraction", 0.2)),
         )
-        self.pool_kv_bytes = pooling_kv_cache_bytes(serve_cfg, lm_cfg, self.dtype, max_len)
+        pool_kv_bytes = pooling_kv_cache_bytes(serve_cfg, lm_cfg, self.dtype, max_len)
         self.timeout_s = float(getattr(serve_cfg, "request_timeout_s", 0) or 0) or None
         self.temperature = sampling_temperature(serve_cfg)
         self._lock = threading.Lock()  # `LLM` is not thread-safe: one pooling call at a time
@@ -311,7 +312,7 @@ class VLLMEngine(Engine):
                     self._gen = LLM(**common, kv_cache_memory_bytes=kv_cache_bytes(serve_cfg, self.in_process),
                                     **scheduler_args(serve_cfg))
                     self._batcher = _ContinuousBatcher(self._gen.llm_engine)
-                self._pool = LLM(**common, kv_cache_memory_bytes=self.pool_kv_bytes,
+                self._pool = LLM(**common, kv_cache_memory_bytes=pool_kv_bytes,
                                  runner="pooling", convert="embed",
                                  pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
         except BaseException:
